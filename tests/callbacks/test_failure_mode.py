@@ -1,0 +1,156 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_synth import BatchAdapter, FailureModeCallback, WeaknessProfile
+from lightning_synth.datasets import DictDataset, DigitsDataModule, load_digits_tensors
+from lightning_synth.demos import ImageClassifier
+
+HERE = Path(__file__).parent
+
+
+def _model():
+    return ImageClassifier(num_classes=10, image_size=8, arch="mlp", width=64, lr=1e-2)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match=r"unregistered perturbations \['spin'\]"):
+        FailureModeCallback(perturbations=["spin"])
+    with pytest.raises(ValueError, match="`max_samples` must be >= 0, got -1"):
+        FailureModeCallback(max_samples=-1)
+    with pytest.raises(TypeError, match="`every_n_epochs` must be an int"):
+        FailureModeCallback(every_n_epochs=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`every_n_epochs` must be >= 1"):
+        FailureModeCallback(every_n_epochs=0)
+    with pytest.raises(ValueError, match=r"`severities` must be integers in 1\.\.5"):
+        FailureModeCallback(severities=[0, 6])
+    with pytest.raises(ValueError, match="`severities` must be a non-empty"):
+        FailureModeCallback(severities=[])
+    with pytest.raises(ValueError, match="`frontier_threshold` must be in"):
+        FailureModeCallback(frontier_threshold=0)
+    with pytest.raises(TypeError, match="`slice_fn` must be callable"):
+        FailureModeCallback(slice_fn=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`batch_adapter` must be"):
+        FailureModeCallback(batch_adapter="x")  # type: ignore[arg-type]
+
+
+def test_rotation_is_a_top_weakness_and_grows_with_severity(tkw):
+    """A model trained without rotation has rotation among its top perturbation weaknesses."""
+    cb = FailureModeCallback(max_samples=256)
+    trainer = L.Trainer(max_epochs=4, callbacks=[cb], **tkw())
+    trainer.fit(_model(), datamodule=DigitsDataModule())
+    profile = cb.profile
+    assert isinstance(profile, WeaknessProfile) and profile.epoch == 3 and len(cb.history) == 4
+    scores = profile.perturbation_scores()
+    assert "rotation" in sorted(scores, key=scores.get, reverse=True)[:3], scores
+    gaps = [profile.get(f"perturbation/rotation@{s}").gap for s in range(1, 6)]
+    assert gaps == sorted(gaps) and gaps[-1] > 0.3, gaps
+    assert profile.frontier["rotation"] is not None and profile.clean_error < 0.2
+    assert len(profile.by_kind("class")) == 10 and profile.by_kind("confusion")
+    metrics = trainer.callback_metrics
+    assert "weakness/perturbation/rotation@5" in metrics and "weakness/class_recall/3" in metrics
+
+
+def test_no_extra_forward_for_clean_pass(tkw):
+    calls = {"n": 0}
+    model = _model()
+    model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    cb = FailureModeCallback(max_samples=0, perturbations=["rotation"])
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=0, callbacks=[cb], **tkw())
+    trainer.validate(model, datamodule=DigitsDataModule(batch_size=100))
+    assert calls["n"] == 4  # 400 val samples in batches of 100: the validation loop's own forwards only
+    assert cb.profile.num_samples == 400
+
+
+def test_dict_batches_slices_and_extra_forward_warning(tkw):
+    images, labels = load_digits_tensors()
+    groups = (labels >= 5).long()
+    data = DictDataset(images[:300], labels[:300], group=groups[:300])
+
+    class Model(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch["image"]), batch["label"])
+
+        def validation_step(self, batch, batch_idx):  # calls the inner net: the callback can't see logits
+            self.net(batch["image"])
+
+    cb = FailureModeCallback(max_samples=64, perturbations=["occlusion"], slice_fn=lambda b: {"parity": b["label"] % 2})
+    loader = torch.utils.data.DataLoader(data, batch_size=50)
+    trainer = L.Trainer(max_epochs=1, callbacks=[cb], **tkw())
+    with pytest.warns(UserWarning, match="extra forward"):
+        trainer.fit(Model(num_classes=10, image_size=8, arch="mlp"), loader, loader)
+    names = {w.name for w in cb.profile.by_kind("slice")}
+    assert names == {"group=0", "group=1", "parity=0", "parity=1"}
+    assert "weakness/worst_group_acc/group" in trainer.callback_metrics
+
+
+def test_unreadable_batch_gets_clear_error(tkw):
+    data = torch.utils.data.TensorDataset(torch.rand(20, 64))
+    cb = FailureModeCallback(max_samples=0)
+
+    class Model(ImageClassifier):
+        def validation_step(self, batch, batch_idx):
+            return None
+
+    loader = torch.utils.data.DataLoader(data, batch_size=10)
+    with pytest.raises(TypeError, match="cannot read this batch: list\\(Tensor"):
+        L.Trainer(callbacks=[cb], **tkw()).validate(Model(image_size=8, arch="mlp"), loader)
+    with pytest.raises(KeyError, match="keys present"):
+        FailureModeCallback(batch_adapter=BatchAdapter(input_key="pixels")).adapter.unpack({"x": 1, "y": 2})
+
+
+def test_missing_validation_set_warns(tkw):
+    images, labels = load_digits_tensors()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[:64], labels[:64]), batch_size=32)
+    cb = FailureModeCallback()
+    with pytest.warns(UserWarning, match="found no validation data"):
+        L.Trainer(max_epochs=1, callbacks=[cb], **tkw()).fit(_model(), loader)
+    assert cb.profile is None
+
+
+def test_on_demand_analysis_and_every_n_epochs(tkw):
+    cb = FailureModeCallback(every_n_epochs=2, max_samples=32, perturbations=["contrast"])
+    dm = DigitsDataModule()
+    trainer = L.Trainer(max_epochs=3, callbacks=[cb], **tkw())
+    model = _model()
+    trainer.fit(model, datamodule=dm)
+    assert [p.epoch for p in cb.history] == [1]
+    profile = cb.analyze(trainer, model)
+    assert profile is cb.profile and len(cb.history) == 2 and profile.num_samples == 400
+
+
+def test_state_round_trips_through_checkpoint(tmp_path, tkw):
+    cb = FailureModeCallback(max_samples=32, perturbations=["rotation"])
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb, ckpt], **tkw(enable_checkpointing=True))
+    trainer.fit(_model(), datamodule=DigitsDataModule())
+    restored = FailureModeCallback(max_samples=32, perturbations=["rotation"])
+    trainer2 = L.Trainer(max_epochs=2, callbacks=[restored], **tkw())
+    trainer2.fit(_model(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert restored.history == cb.history and restored.profile == cb.profile
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_profile_identical_on_ranks_and_equal_to_single_process(tmp_path, tkw):
+    model = _model()
+    L.Trainer(max_epochs=2, **tkw()).fit(model, datamodule=DigitsDataModule(batch_size=50))
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    script = str(HERE / "ddp_failure_mode_script.py")
+    for devices, strategy, name in ((1, "auto", "single"), (2, "ddp", "ddp")):
+        out = tmp_path / name
+        out.mkdir()
+        subprocess.run([sys.executable, script, str(weights), str(out), str(devices), strategy], check=True,
+                       timeout=300)
+    single = WeaknessProfile.from_json((tmp_path / "single" / "profile_rank0.json").read_text())
+    rank0 = WeaknessProfile.from_json((tmp_path / "ddp" / "profile_rank0.json").read_text())
+    rank1 = WeaknessProfile.from_json((tmp_path / "ddp" / "profile_rank1.json").read_text())
+    assert rank0 == rank1
+    assert rank0 == single
+    assert single.num_samples == 400 and single.get("perturbation/rotation@5").support == 128
