@@ -1,18 +1,40 @@
 """lightning_synth: find how a Lightning model fails, then make and weigh training data aimed at it."""
 
 from lightning_synth.batch import BatchAdapter, BatchView
-from lightning_synth.callbacks import FailureModeCallback
+from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SynthesisCallback
+from lightning_synth.control import SynthesisController, SynthesisSettings
+from lightning_synth.data import AdaptiveSampler, SyntheticDataModule, SyntheticPool, SyntheticWeighting
+from lightning_synth.generators import (
+    ConditionalGAN,
+    ConditionalGANGenerator,
+    ScenarioGenerator,
+    SyntheticGenerator,
+    TargetedAugmentation,
+)
 from lightning_synth.perturbations import Perturbation, PerturbationBank, default_bank, register_perturbation
 from lightning_synth.profile import Weakness, WeaknessProfile
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveSampler",
+    "AdaptiveSampling",
     "BatchAdapter",
     "BatchView",
+    "ConditionalGAN",
+    "ConditionalGANGenerator",
     "FailureModeCallback",
     "Perturbation",
     "PerturbationBank",
+    "ScenarioGenerator",
+    "SynthesisCallback",
+    "SynthesisController",
+    "SynthesisSettings",
+    "SyntheticDataModule",
+    "SyntheticGenerator",
+    "SyntheticPool",
+    "SyntheticWeighting",
+    "TargetedAugmentation",
     "Weakness",
     "WeaknessProfile",
     "__version__",

@@ -1,0 +1,455 @@
+"""Feed each sample's training loss back into an :class:`~lightning_synth.data.sampler.AdaptiveSampler`.
+
+The callback adds no forward pass: it reads the logits the training step already computes (a forward hook on
+the LightningModule, or on ``capture_module``), or per-sample losses that ``training_step`` returns under
+``"per_sample_loss"``. Batch rows are matched to dataset indices through the sampler's own order, so the
+user's batch format is untouched. Losses are gathered across ranks and applied at epoch end, in the order of
+the global draw, so every rank ends the epoch with the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+from typing_extensions import override
+
+from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
+from lightning_synth.data.sampler import AdaptiveSampler
+
+__all__ = ["PER_SAMPLE_LOSS_KEY", "AdaptiveSampling"]
+
+PER_SAMPLE_LOSS_KEY = "per_sample_loss"
+_Pairs = tuple[Tensor, Tensor, Tensor]  # global draw positions, dataset indices, (loss, score) rows
+
+
+def _find_sampler(loader: DataLoader) -> AdaptiveSampler | None:
+    for candidate in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if isinstance(candidate, AdaptiveSampler):
+            return candidate
+    return None
+
+
+def _batch_tensor(output: Any, batch_size: int) -> Tensor | None:
+    """The first tensor in a forward output whose leading dimension is the batch size."""
+    if isinstance(output, Tensor):
+        return output if output.ndim >= 1 and output.shape[0] == batch_size else None
+    if isinstance(output, Mapping):
+        output = [output["logits"]] if "logits" in output else list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = _batch_tensor(item, batch_size)
+            if found is not None:
+                return found
+    return None
+
+
+def _empty_pairs() -> _Pairs:
+    return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0, 2)
+
+
+class AdaptiveSampling(Callback):
+    """Samples hard examples more often: per-sample training losses drive an :class:`AdaptiveSampler`.
+
+    If the train DataLoader has no ``AdaptiveSampler``, one is installed for you (``install_sampler=True``):
+    the DataLoader that ``train_dataloader()`` returns (or that was passed to ``fit``) is rebuilt with the
+    sampler, keeping its batch size, workers and ``drop_last``. If it already has one, that sampler is used
+    and the sampler arguments here are ignored. The sampler's state rides in this callback's checkpoint state.
+
+    Args:
+        temperature: sampler temperature; see :class:`AdaptiveSampler`.
+        uniform_mix: share of probability mass spread uniformly.
+        ema_decay: weight of a sample's old score when a new epoch's loss arrives.
+        prior: score of never-seen samples, ``"mean"`` or ``"max"`` of the seen scores.
+        num_samples: indices drawn per epoch over all ranks (default: the dataset length).
+        seed: sampler seed (default: the ``seed_everything`` seed, else 0).
+        batch_adapter: how to read targets from a batch
+            (see :func:`lightning_synth.batch.resolve_batch_adapter`).
+        loss_fn: ``(logits, targets) -> per-sample losses``; default cross-entropy with ``reduction="none"``.
+        capture_module: dotted name of the submodule whose forward output holds the logits, when
+            ``training_step`` does not call ``self(...)``; default the LightningModule itself.
+        normalize: ``"batch"`` divides each loss by its batch's mean loss before it reaches the sampler, so a
+            score says how hard a sample is *relative to the model at the time* and not how early in training
+            it was seen (raw losses of an epoch fall as the model learns); ``"none"`` passes raw losses.
+        install_sampler: rebuild the train DataLoader with an ``AdaptiveSampler`` when it has none;
+            if False such a DataLoader is an error.
+        log_stats: log :meth:`AdaptiveSampler.stats` as ``adaptive_sampling/<key>`` at each epoch end.
+
+    Attributes:
+        sampler: the :class:`AdaptiveSampler` in use (``None`` before ``fit``).
+        last_update: what the last epoch end applied, in global draw order and identical on every rank:
+            ``indices``, raw ``losses`` and the ``scores`` fed to :meth:`AdaptiveSampler.update`.
+
+    Raises:
+        ValueError: if an argument is out of range.
+        TypeError: if ``batch_adapter`` or ``loss_fn`` has the wrong type.
+
+    Example:
+        >>> import lightning as L
+        >>> callback = AdaptiveSampling(temperature=1.0, uniform_mix=0.3)
+        >>> trainer = L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        uniform_mix: float = 0.3,
+        ema_decay: float = 0.5,
+        prior: Literal["mean", "max"] = "mean",
+        num_samples: int | None = None,
+        seed: int | None = None,
+        batch_adapter: BatchAdapter | Callable[[Any], Any] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        capture_module: str | None = None,
+        normalize: Literal["batch", "none"] = "batch",
+        install_sampler: bool = True,
+        log_stats: bool = True,
+    ) -> None:
+        AdaptiveSampler._check_config(temperature, uniform_mix, ema_decay, prior, "systematic")
+        if num_samples is not None and (
+            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+        ):
+            raise ValueError(f"`num_samples` must be an integer >= 1 or None, got {num_samples!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(
+                f"`loss_fn` must be a callable (logits, targets) -> losses or None, got {loss_fn!r}"
+            )
+        if normalize not in ("batch", "none"):
+            raise ValueError(f"`normalize` must be 'batch' or 'none', got {normalize!r}")
+        if capture_module is not None and (not isinstance(capture_module, str) or not capture_module):
+            raise ValueError(
+                f"`capture_module` must be a non-empty submodule name or None, got {capture_module!r}"
+            )
+        self.sampler_kwargs = {
+            "temperature": temperature,
+            "uniform_mix": uniform_mix,
+            "ema_decay": ema_decay,
+            "prior": prior,
+            "num_samples": num_samples,
+        }
+        self.seed = seed
+        self.batch_adapter = resolve_batch_adapter(batch_adapter)
+        self.loss_fn = loss_fn
+        self.capture_module = capture_module
+        self.normalize = normalize
+        self.install_sampler = bool(install_sampler)
+        self.log_stats = bool(log_stats)
+        self.sampler: AdaptiveSampler | None = None
+        self.last_update: dict[str, Tensor] = {}
+        self._trainer: pl.Trainer | None = None
+        self._in_fit = False
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._patched_source: Any = None
+        self._batch_size = 0
+        self._batches_seen = 0
+        self._rows: Tensor = torch.empty(0, dtype=torch.long)
+        self._positions: Tensor = torch.empty(0, dtype=torch.long)
+        self._capturing = False
+        self._captured: Tensor | None = None
+        self._local: list[_Pairs] = []
+        self._gathered: list[_Pairs] = []
+        self._sampler_state_to_load: dict[str, Any] | None = None
+        self._warned: set[str] = set()
+
+    # ----------------------------------------------------------------------------------------- wiring
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        self._hook = self._capture_target(pl_module).register_forward_hook(self._capture)
+        source = getattr(trainer.fit_loop, "_data_source", None)
+        if source is None or not callable(getattr(source, "dataloader", None)):
+            raise RuntimeError(
+                "AdaptiveSampling cannot find where this Lightning version requests the train DataLoader "
+                "(`trainer.fit_loop._data_source`). Put an `AdaptiveSampler` in your train DataLoader "
+                "yourself."
+            )
+        original = source.dataloader
+        source.dataloader = lambda: self._prepare_loader(original(), trainer)
+        self._patched_source = source
+
+    def _capture_target(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.capture_module is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.capture_module)
+        except AttributeError as err:
+            names = [name for name, _ in pl_module.named_children()]
+            raise ValueError(
+                f"`capture_module` must name a submodule of {type(pl_module).__name__}, got "
+                f"{self.capture_module!r}; top-level submodules: {names}"
+            ) from err
+
+    def _unwire(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._patched_source is not None:
+            del self._patched_source.dataloader  # the instance attribute shadowed the class method
+            self._patched_source = None
+        self._in_fit = False
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unwire()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._unwire()
+
+    def _prepare_loader(self, loader: Any, trainer: pl.Trainer) -> Any:
+        """Find or install the sampler in the train DataLoader, restore its state and epoch."""
+        if not isinstance(loader, DataLoader):
+            raise TypeError(
+                "AdaptiveSampling needs `train_dataloader()` to return one torch DataLoader, got "
+                f"{type(loader).__name__}. Combine several datasets into one Dataset instead."
+            )
+        sampler = _find_sampler(loader)
+        if sampler is None:
+            loader, sampler = self._install(loader, trainer)
+        elif self.sampler is not None and sampler is not self.sampler:
+            sampler.load_state_dict(self.sampler.state_dict())  # a reloaded loader keeps the learned weights
+        if self._sampler_state_to_load is not None:
+            sampler.load_state_dict(self._sampler_state_to_load)
+            self._sampler_state_to_load = None
+        # with workers the first draw happens before Lightning's set_epoch: set the epoch it is about to set
+        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)  # type: ignore[attr-defined]
+        self.sampler = sampler
+        return loader
+
+    def _install(self, loader: DataLoader, trainer: pl.Trainer) -> tuple[DataLoader, AdaptiveSampler]:
+        if not self.install_sampler:
+            raise RuntimeError(
+                "The train DataLoader has no AdaptiveSampler and `AdaptiveSampling(install_sampler=False)`. "
+                "Build it with `DataLoader(dataset, batch_size=..., sampler=AdaptiveSampler(dataset))` or "
+                "set `install_sampler=True`."
+            )
+        if isinstance(loader.dataset, IterableDataset) or type(loader.batch_sampler) is not BatchSampler:
+            raise TypeError(
+                "AdaptiveSampling can only install its sampler in a DataLoader over a map-style dataset with "
+                f"`batch_size=` batching, got dataset {type(loader.dataset).__name__} and batch sampler "
+                f"{type(loader.batch_sampler).__name__}."
+            )
+        sampler = self.sampler
+        if sampler is None:
+            seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler = AdaptiveSampler(
+                loader.dataset,  # type: ignore[arg-type]
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                seed=seed,
+                **self.sampler_kwargs,  # type: ignore[arg-type]
+            )
+        else:
+            sampler.dataset = loader.dataset  # type: ignore[assignment]
+        return _update_dataloader(loader, sampler, mode=RunningStage.TRAINING), sampler
+
+    def _bind_loader(self, trainer: pl.Trainer) -> None:
+        """Read the sampler and batch size from the DataLoader Lightning actually iterates."""
+        loader = trainer.train_dataloader
+        sampler = _find_sampler(loader) if isinstance(loader, DataLoader) else None
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if sampler is None or not isinstance(batch_sampler, BatchSampler):
+            raise RuntimeError(
+                "AdaptiveSampling found no AdaptiveSampler in the train DataLoader Lightning uses "
+                f"({type(loader).__name__}). Something (e.g. `overfit_batches` or a custom batch sampler) "
+                "replaced it; use a DataLoader with `batch_size=` and `sampler=AdaptiveSampler(...)`."
+            )
+        self.sampler, self._batch_size, self._batches_seen = sampler, int(batch_sampler.batch_size), 0
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bind_loader(trainer)
+        self._in_fit = True
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._in_fit = False
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bind_loader(trainer)
+
+    # ----------------------------------------------------------------------------------------- per batch
+    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._capturing and self._captured is None:
+            found = _batch_tensor(output, self._rows.numel())
+            if found is not None:
+                self._captured = found.detach()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        assert self.sampler is not None
+        # batch k of this rank's epoch covers epoch_indices[k*B:(k+1)*B]; count batches rather than trust
+        # `batch_idx`, which keeps counting after a mid-epoch resume while the iterator starts over
+        start = self._batches_seen * self._batch_size
+        self._rows = self.sampler.epoch_indices[start : start + self._batch_size]
+        local_positions = torch.arange(start, start + self._rows.numel())
+        self._positions = local_positions * self.sampler.num_replicas + self.sampler.rank
+        self._batches_seen += 1
+        self._captured, self._capturing = None, True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._capturing = False
+        losses = self._per_sample_losses(outputs, batch)
+        self._captured = None
+        if losses is None:
+            return
+        if losses.numel() != self._rows.numel():
+            self._warn_once(
+                "size",
+                f"AdaptiveSampling: batch {batch_idx} gave {losses.numel()} per-sample losses but the "
+                f"sampler yielded {self._rows.numel()} indices for it; skipping it. Is the batch filtered or "
+                "resized before the training step?",
+            )
+            return
+        losses = losses.detach().float().reshape(-1)
+        self._local.append((self._positions, self._rows, torch.stack([losses, self._scores(losses)], 1)))
+
+    def _scores(self, losses: Tensor) -> Tensor:
+        if self.normalize == "none":
+            return losses
+        finite = torch.isfinite(losses)  # stays on the device: no host sync per step
+        mean = torch.where(finite, losses, 0.0).sum() / finite.sum().clamp_min(1)
+        return losses / mean.clamp_min(1e-12)
+
+    @torch.no_grad()
+    def _per_sample_losses(self, outputs: Any, batch: Any) -> Tensor | None:
+        if isinstance(outputs, Mapping) and outputs.get(PER_SAMPLE_LOSS_KEY) is not None:
+            losses = torch.as_tensor(outputs[PER_SAMPLE_LOSS_KEY])
+            return (
+                losses.reshape(losses.shape[0], -1).float().mean(1) if losses.ndim > 1 else losses.reshape(-1)
+            )
+        if self._captured is None:
+            self._warn_once(
+                "capture",
+                "AdaptiveSampling saw no per-sample losses: `training_step` returned no 'per_sample_loss' "
+                f"and no forward output had the batch's {self._rows.numel()} rows. Call `self(x)` in "
+                "`training_step`, set `capture_module=` to the submodule that computes the logits, or return "
+                "{'loss': loss, 'per_sample_loss': losses}. Sampling weights are not updated for these "
+                "batches.",
+            )
+            return None
+        targets = self.batch_adapter.unpack(batch).targets.to(self._captured.device)
+        logits = self._captured.float()
+        try:
+            losses = (
+                self.loss_fn(logits, targets)
+                if self.loss_fn
+                else F.cross_entropy(logits, targets, reduction="none")
+            )
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise RuntimeError(
+                f"AdaptiveSampling could not compute per-sample losses from logits {tuple(logits.shape)} and "
+                f"targets {tuple(targets.shape)}: {err}. Pass `loss_fn=` or return 'per_sample_loss' from "
+                "training_step."
+            ) from err
+        return losses.reshape(losses.shape[0], -1).mean(1) if losses.ndim > 1 else losses
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    # ----------------------------------------------------------------------------------------- epoch end
+    def _sync(self) -> None:
+        """Move this rank's buffered pairs into the gathered buffer, identical on every rank (collective)."""
+        pos, idx, values = (
+            (torch.cat(parts) for parts in zip(*self._local, strict=True)) if self._local else _empty_pairs()
+        )
+        self._local = []
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            if pos.numel():
+                self._gathered.append((pos, idx, values.cpu()))
+            return
+        strategy, device = trainer.strategy, trainer.strategy.root_device
+        counts = strategy.all_gather(torch.tensor([pos.numel()], device=device)).reshape(-1)
+        width = int(counts.max())
+        if width == 0:
+            return
+        keys = torch.full((width, 2), -1, dtype=torch.long, device=device)
+        keys[: pos.numel(), 0], keys[: pos.numel(), 1] = pos.to(device), idx.to(device)
+        padded = torch.zeros(width, 2, device=device)
+        padded[: pos.numel()] = values.to(device)
+        all_keys = strategy.all_gather(keys).reshape(-1, 2).cpu()
+        all_values = strategy.all_gather(padded).reshape(-1, 2).cpu()
+        valid = all_keys[:, 0] >= 0
+        self._gathered.append((all_keys[valid, 0], all_keys[valid, 1], all_values[valid]))
+
+    def _pending(self) -> _Pairs:
+        """Gathered pairs in global draw order, whatever sync rounds they arrived in."""
+        if not self._gathered:
+            return _empty_pairs()
+        pos, idx, values = (torch.cat(parts) for parts in zip(*self._gathered, strict=True))
+        order = torch.sort(pos, stable=True).indices
+        return pos[order], idx[order], values[order]
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.sampler is not None
+        self._sync()
+        _, idx, values = self._pending()
+        self._gathered = []
+        with warnings.catch_warnings():
+            if trainer.global_rank != 0:
+                warnings.simplefilter("ignore", RuntimeWarning)  # every rank sees the same NaNs; warn once
+            self.sampler.update(idx, values[:, 1])
+        self.last_update = {"indices": idx, "losses": values[:, 0], "scores": values[:, 1]}
+        if self.log_stats:
+            stats = {f"adaptive_sampling/{key}": value for key, value in self.sampler.stats().items()}
+            pl_module.log_dict(stats, on_step=False, on_epoch=True, sync_dist=False)
+
+    # ----------------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler state plus the epoch's gathered, not yet applied losses.
+
+        During ``fit`` with several processes this gathers the ranks' buffers, so like
+        ``Trainer.save_checkpoint`` it must run on every rank (Lightning does so).
+        """
+        if self._in_fit:
+            self._sync()
+        pos, idx, values = self._pending()
+        sampler_state = self.sampler.state_dict() if self.sampler is not None else self._sampler_state_to_load
+        return {
+            "version": 1,
+            "sampler": sampler_state,
+            "pending": {"positions": pos, "indices": idx, "values": values},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = {"sampler", "pending"} - set(state_dict)
+        if missing:
+            raise KeyError(
+                f"AdaptiveSampling state is missing {sorted(missing)}; keys present: {sorted(state_dict)}"
+            )
+        pending = state_dict["pending"]
+        pairs = (pending["positions"], pending["indices"], pending["values"])
+        self._gathered = [pairs] if pairs[0].numel() else []
+        self._local = []
+        if state_dict["sampler"] is not None and self.sampler is not None:
+            self.sampler.load_state_dict(state_dict["sampler"])
+        else:
+            self._sampler_state_to_load = state_dict["sampler"]

@@ -1,0 +1,475 @@
+"""`ConditionalGAN`: a small DCGAN-style GAN conditioned on class and on a weakness category.
+
+A category is ``"clean"`` or the name of a perturbation in the shared bank. While training, each real
+image gets a random category and severity; a perturbed category means the real image is perturbed with
+that bank operation before the discriminator sees it, so ``G(z, class, category, severity)`` learns to
+draw images of the class that *show* the perturbation. The discriminator is a projection discriminator
+(class, category and severity projections) with an auxiliary head that predicts class and category (as in
+AC-GAN, trained on real images only), which keeps samples class-consistent. An optional task-adversarial
+term pushes samples toward what a task model gets wrong, without flipping their label.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils.parametrizations import spectral_norm
+from torch.optim import Adam, Optimizer
+from typing_extensions import override
+
+from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
+from lightning_synth.perturbations import PerturbationBank, default_bank, registered_perturbations
+
+__all__ = ["CLEAN", "ConditionalGAN"]
+
+CLEAN = "clean"
+"""The category of unperturbed images."""
+
+
+class _Generator(nn.Module):
+    """``(z, class, category, severity code)`` -> image in [0, 1]; two stride-2 up-convolutions."""
+
+    def __init__(
+        self, latent_dim: int, num_classes: int, num_categories: int, image_size: int, channels: int, width: int
+    ) -> None:
+        super().__init__()
+        self.image_size, self.start, self.width = image_size, math.ceil(image_size / 4), width
+        self.class_embed = nn.Embedding(num_classes, latent_dim)
+        self.category_embed = nn.Embedding(num_categories, latent_dim)
+        self.severity_embed = nn.Embedding(num_categories, latent_dim)
+        self.project = nn.Linear(3 * latent_dim, 2 * width * self.start**2)
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.ConvTranspose2d(width, channels, 4, 2, 1),
+        )
+
+    def forward(self, z: Tensor, classes: Tensor, categories: Tensor, codes: Tensor) -> Tensor:
+        condition = self.category_embed(categories) + codes[:, None] * self.severity_embed(categories)
+        h = self.project(torch.cat([z, self.class_embed(classes), condition], 1))
+        out = self.body(h.view(-1, 2 * self.width, self.start, self.start))
+        off = (out.shape[-1] - self.image_size) // 2  # 4 * ceil(size / 4) may overshoot by up to 3 pixels
+        return torch.sigmoid(out[..., off : off + self.image_size, off : off + self.image_size])
+
+
+class _Discriminator(nn.Module):
+    """Projection discriminator: realism logit ``(B,)`` and auxiliary class+category logits."""
+
+    def __init__(self, num_classes: int, num_categories: int, channels: int, width: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            spectral_norm(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            spectral_norm(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            spectral_norm(nn.Conv2d(2 * width, 4 * width, 3, 1, 1)), nn.LeakyReLU(0.2),
+        )
+        dim = 4 * width
+        self.realness = spectral_norm(nn.Linear(dim, 1))
+        self.class_embed = spectral_norm(nn.Embedding(num_classes, dim))
+        self.category_embed = spectral_norm(nn.Embedding(num_categories, dim))
+        self.severity_embed = spectral_norm(nn.Embedding(num_categories, dim))
+        self.aux = nn.Linear(dim, num_classes + num_categories)
+
+    def forward(self, images: Tensor, classes: Tensor, categories: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.features(images * 2 - 1).mean(dim=(2, 3))
+        projection = (
+            self.class_embed(classes) + self.category_embed(categories)
+            + codes[:, None] * self.severity_embed(categories)
+        )
+        return self.realness(h).squeeze(1) + (projection * h).sum(1), self.aux(h)
+
+
+def margin_hinge(logits: Tensor, targets: Tensor, floor: float) -> Tensor:
+    """Mean of ``relu(margin - floor)``, with ``margin = logit[target] - max other logit``.
+
+    Minimising it lowers the task model's margin on the target class but stops at ``floor >= 0``, so the
+    prediction is pushed toward the decision boundary without crossing it.
+    """
+    true = logits.gather(1, targets[:, None]).squeeze(1)
+    other = logits.scatter(1, targets[:, None], float("-inf")).amax(1)
+    return F.relu(true - other - floor).mean()
+
+
+class ConditionalGAN(L.LightningModule):
+    """A DCGAN-style GAN conditioned on class and weakness category, trained with manual optimization.
+
+    Args:
+        latent_dim: size of the noise vector (and of the condition embeddings).
+        num_classes: number of classes of the task.
+        categories: weakness categories: ``"clean"`` plus names of registered perturbations
+            (default: ``"clean"`` and the built-in bank's nine).
+        image_size: height = width of the images (>= 4); 28 for Fashion-MNIST, 8 for digits.
+        channels: image channels (1 or 3 usually).
+        width: base number of convolution channels of both networks.
+        lr: Adam learning rate of both networks.
+        betas: Adam betas.
+        aux_weight: weight of the auxiliary class/category loss (0 turns the AC-GAN head off).
+        adversarial_weight: weight of the task-adversarial term (0: off); needs :meth:`set_task_model`.
+        adversarial_margin: the task model's margin the adversarial term stops at (>= 0, so labels do
+            not flip).
+        batch_adapter: how to read ``(images, labels)`` from a batch (default: tuples, lists, dicts).
+
+    Raises:
+        TypeError: if an argument has the wrong type.
+        ValueError: if an argument is out of range or a category is unknown.
+
+    Shape:
+        - batches: images ``(B, channels, image_size, image_size)`` in [0, 1], labels ``(B,)`` int.
+
+    Example:
+        >>> gan = ConditionalGAN(latent_dim=8, num_classes=10, image_size=8, width=8)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> rotation = torch.full((4,), gan.category_index("rotation"))
+        >>> images = gan.sample(torch.tensor([0, 1, 2, 3]), rotation, generator=g)
+        >>> tuple(images.shape), bool(images.min() >= 0), bool(images.max() <= 1)
+        ((4, 1, 8, 8), True, True)
+        >>> tuple(gan.realism(images, torch.tensor([0, 1, 2, 3]), rotation).shape)
+        (4,)
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 64,
+        num_classes: int = 10,
+        categories: Sequence[str] | None = None,
+        image_size: int = 28,
+        channels: int = 1,
+        width: int = 32,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.5, 0.999),
+        aux_weight: float = 1.0,
+        adversarial_weight: float = 0.0,
+        adversarial_margin: float = 1.0,
+        batch_adapter: BatchAdapter | Callable[[Any], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        categories = [CLEAN, *default_bank().names] if categories is None else categories
+        _check_int("latent_dim", latent_dim, 1)
+        _check_int("num_classes", num_classes, 2)
+        _check_int("image_size", image_size, 4)
+        _check_int("channels", channels, 1)
+        _check_int("width", width, 1)
+        self.categories: list[str] = _check_categories(categories)
+        _check_float("lr", lr, 0.0, inclusive=False)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) for b in betas)):
+            raise TypeError(f"`betas` must be a pair of floats, got {betas!r}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"`betas` must both be in [0, 1), got {tuple(betas)}")
+        _check_float("aux_weight", aux_weight, 0.0)
+        _check_float("adversarial_weight", adversarial_weight, 0.0)
+        _check_float("adversarial_margin", adversarial_margin, 0.0)
+        self.save_hyperparameters(ignore=["batch_adapter"])
+        self.hparams["categories"] = list(self.categories)  # `None` would not say which
+        self.automatic_optimization = False
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.image_size, self.channels = image_size, channels
+        self.lr, self.betas = float(lr), (float(betas[0]), float(betas[1]))
+        self.aux_weight, self.adversarial_weight = float(aux_weight), float(adversarial_weight)
+        self.adversarial_margin = float(adversarial_margin)
+        self.batch_adapter = resolve_batch_adapter(batch_adapter)
+        self.bank = PerturbationBank([c for c in self.categories if c != CLEAN])
+        self.clean_index = self.categories.index(CLEAN)
+        self.generator = _Generator(latent_dim, num_classes, len(self.categories), image_size, channels, width)
+        self.discriminator = _Discriminator(num_classes, len(self.categories), channels, width)
+        # The task model is held outside the module tree: it is not ours to save, move, or wrap in DDP.
+        self._task_model: tuple[nn.Module, ...] = ()
+
+    # ----------------------------------------------------------------------------------------- public API
+    @property
+    def task_model(self) -> nn.Module | None:
+        return self._task_model[0] if self._task_model else None
+
+    def set_task_model(self, model: nn.Module | None) -> None:
+        """Use ``model`` (logits ``(B, num_classes)`` from images) for the adversarial term; ``None`` clears."""
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module or None, got {type(model).__name__}")
+        self._task_model = (model,) if model is not None else ()
+
+    def category_index(self, name: str) -> int:
+        """Index of category ``name`` (``"clean"`` or a perturbation name)."""
+        if name not in self.categories:
+            raise KeyError(f"No category {name!r}; this GAN has {self.categories}")
+        return self.categories.index(name)
+
+    def max_severity(self, category: int) -> float:
+        """Top severity of a category's perturbation (0 for ``"clean"``)."""
+        return 0.0 if category == self.clean_index else float(self.bank[self.categories[category]].max_severity)
+
+    @override
+    def forward(self, z: Tensor, classes: Tensor, categories: Tensor, severities: Tensor) -> Tensor:
+        """Images in [0, 1] from noise ``(B, latent_dim)`` and conditions ``(B,)`` each."""
+        return self.generator(z, classes, categories, self._codes(categories, severities))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        classes: Tensor,
+        categories: Tensor,
+        generator: torch.Generator | None = None,
+        severities: float | Tensor | None = None,
+    ) -> Tensor:
+        """Draw one image per ``(class, category)`` pair (generator in eval mode).
+
+        Args:
+            classes: ``(N,)`` class indices.
+            categories: ``(N,)`` category indices (see :meth:`category_index`).
+            generator: a CPU RNG for the noise; same seed, same images.
+            severities: per-sample severities ``(N,)`` or one for all; default: the middle of each
+                perturbation's ladder. Ignored for ``"clean"``.
+
+        Returns:
+            ``(N, channels, image_size, image_size)`` images in [0, 1], on the GAN's device.
+        """
+        classes, categories = self._check_conditions(classes, categories)
+        sev = self._severities(categories, severities)
+        z = torch.randn(len(classes), self.latent_dim, generator=generator).to(self.device)
+        with _eval_mode(self.generator):
+            return self(z, classes, categories, sev)
+
+    @torch.no_grad()
+    def realism(
+        self, images: Tensor, classes: Tensor, categories: Tensor, severities: float | Tensor | None = None
+    ) -> Tensor:
+        """Discriminator's probability ``(N,)`` in [0, 1] that each image is a real one of its conditions."""
+        classes, categories = self._check_conditions(classes, categories)
+        self._check_images(images, len(classes))
+        sev = self._severities(categories, severities)
+        with _eval_mode(self.discriminator):
+            logits, _ = self.discriminator(images.to(self.device), classes, categories, self._codes(categories, sev))
+        return torch.sigmoid(logits)
+
+    def fit_steps(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        steps: int,
+        batch_size: int = 64,
+        generator: torch.Generator | None = None,
+        optimizers: Sequence[Optimizer] | None = None,
+    ) -> list[Optimizer]:
+        """Train ``steps`` steps on in-memory data without a Trainer; deterministic given ``generator``.
+
+        Batches are drawn with replacement from ``images``/``labels`` with ``generator``, so processes that
+        share the data and the RNG state end with identical weights (no gradient sync needed).
+
+        Returns:
+            The ``[discriminator, generator]`` optimizers (pass them back in to keep Adam's state).
+        """
+        _check_int("steps", steps, 0)
+        _check_int("batch_size", batch_size, 1)
+        self._check_images(images, len(labels))
+        opts = list(optimizers) if optimizers is not None else self.configure_optimizers()
+        was_training = self.training
+        self.train()
+        try:
+            for _ in range(steps):
+                idx = torch.randint(len(labels), (batch_size,), generator=generator)
+                self._step(images[idx].to(self.device), labels[idx].to(self.device), opts, Tensor.backward, generator)
+        finally:
+            self.train(was_training)
+        return opts
+
+    # ------------------------------------------------------------------------------------ Lightning hooks
+    @override
+    def configure_optimizers(self) -> list[Optimizer]:
+        return [Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas),
+                Adam(self.generator.parameters(), lr=self.lr, betas=self.betas)]
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        view = self.batch_adapter.unpack(batch)
+        self._check_images(view.inputs, len(view.targets))
+        optimizers = self.optimizers()
+        assert isinstance(optimizers, list)  # configure_optimizers returns two
+        losses = self._step(view.inputs, view.targets, optimizers, self.manual_backward, None)
+        self.log_dict({f"gan/{k}": v for k, v in losses.items()}, batch_size=len(view.targets))
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _step(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        optimizers: Sequence[Any],
+        backward: Callable[..., Any],
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        opt_d, opt_g = optimizers
+        categories, severities = self._draw_conditions(len(labels), generator)
+        codes = self._codes(categories, severities)
+        real = self._perturb(images, categories, severities, generator)
+        z = torch.randn(len(labels), self.latent_dim, generator=generator).to(self.device)
+        fake = self.generator(z, labels, categories, codes)
+        # Under DDP without unused-parameter detection every backward must reach every parameter.
+        full_graph = self._ddp_needs_full_graph()
+
+        real_logit, real_aux = self.discriminator(real, labels, categories, codes)
+        fake_logit, _ = self.discriminator(fake if full_graph else fake.detach(), labels, categories, codes)
+        loss_d = (
+            F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
+            + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
+            + self.aux_weight * self._aux_loss(real_aux, labels, categories)
+        )
+        opt_d.zero_grad()
+        backward(loss_d, **({"retain_graph": True} if full_graph else {}))  # G's graph is reused below
+        opt_d.step()
+
+        loss_g = self._generator_loss(fake, labels, categories, codes, freeze_d=not full_graph)
+        opt_g.zero_grad()
+        backward(loss_g["loss_g"])
+        opt_g.step()
+        return {"loss_d": loss_d.detach(), **{k: v.detach() for k, v in loss_g.items()}}
+
+    def _generator_loss(
+        self, fake: Tensor, labels: Tensor, categories: Tensor, codes: Tensor, freeze_d: bool
+    ) -> dict[str, Tensor]:
+        self.discriminator.requires_grad_(not freeze_d)
+        try:
+            logit, aux = self.discriminator(fake, labels, categories, codes)
+        finally:
+            self.discriminator.requires_grad_(True)
+        loss = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+        loss = loss + self.aux_weight * self._aux_loss(aux, labels, categories)
+        out = {}
+        if self.adversarial_weight > 0 and self.task_model is not None:
+            out["adversarial"] = self._adversarial_loss(fake, labels)
+            loss = loss + self.adversarial_weight * out["adversarial"]
+        return {"loss_g": loss, **out}
+
+    def _adversarial_loss(self, fake: Tensor, labels: Tensor) -> Tensor:
+        model = self.task_model
+        assert model is not None
+        device = next((p.device for p in model.parameters()), fake.device)
+        # Detached weights: gradients reach the GAN's samples, never the task model's parameters.
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        params.update(dict(model.named_buffers()))
+        with _eval_mode(model):
+            logits = functional_call(model, params, (fake.to(device),))
+        return margin_hinge(logits, labels.to(device), self.adversarial_margin).to(fake.device)
+
+    def _aux_loss(self, aux: Tensor, labels: Tensor, categories: Tensor) -> Tensor:
+        num_classes = self.num_classes
+        return F.cross_entropy(aux[:, :num_classes], labels) + F.cross_entropy(aux[:, num_classes:], categories)
+
+    def _draw_conditions(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        categories = torch.randint(len(self.categories), (n,), generator=generator)
+        top = torch.tensor([self.max_severity(k) for k in range(len(self.categories))])[categories]
+        severities = 1.0 + torch.rand(n, generator=generator) * (top - 1.0).clamp(min=0.0)
+        severities = torch.where(categories == self.clean_index, 0.0, severities)
+        return categories.to(self.device), severities.to(self.device)
+
+    def _perturb(
+        self, images: Tensor, categories: Tensor, severities: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        out = images.clone()
+        for k, name in enumerate(self.categories):
+            mask = categories == k
+            if k != self.clean_index and bool(mask.any()):
+                out[mask] = self.bank[name](images[mask], severities[mask].cpu(), generator).to(out.dtype)
+        return out
+
+    def _severities(self, categories: Tensor, severities: float | Tensor | None) -> Tensor:
+        top = torch.tensor([self.max_severity(k) for k in range(len(self.categories))], device=self.device)
+        top = top[categories]
+        if severities is None:
+            sev = (1.0 + top) / 2
+        else:
+            sev = torch.as_tensor(severities, dtype=torch.float32, device=self.device).expand(len(categories))
+            if bool(((sev < 0) | ((sev > top) & (top > 0))).any()):
+                raise ValueError(f"`severities` must be in [0, max severity of the category], got {severities}")
+        return torch.where(categories == self.clean_index, 0.0, sev)
+
+    def _codes(self, categories: Tensor, severities: Tensor) -> Tensor:
+        top = torch.tensor([max(self.max_severity(k), 1.0) for k in range(len(self.categories))])
+        return severities.float() / top.to(severities.device)[categories]
+
+    def _check_conditions(self, classes: Tensor, categories: Tensor) -> tuple[Tensor, Tensor]:
+        for name, value, limit in (("classes", classes, self.num_classes),
+                                   ("categories", categories, len(self.categories))):
+            if not isinstance(value, Tensor) or value.ndim != 1 or value.is_floating_point():
+                raise TypeError(f"`{name}` must be a 1-D integer tensor, got {_describe(value)}")
+            if len(value) and (int(value.min()) < 0 or int(value.max()) >= limit):
+                raise ValueError(f"`{name}` must be in [0, {limit}), got values in "
+                                 f"[{int(value.min())}, {int(value.max())}]")
+        if len(classes) != len(categories):
+            raise ValueError(f"`classes` and `categories` must have the same length, got "
+                             f"{len(classes)} and {len(categories)}")
+        return classes.long().to(self.device), categories.long().to(self.device)
+
+    def _check_images(self, images: Tensor, n: int) -> None:
+        size, channels = self.image_size, self.channels
+        if not isinstance(images, Tensor) or tuple(images.shape) != (n, channels, size, size):
+            raise ValueError(
+                f"This GAN takes images of shape (N, {channels}, {size}, {size}) with N = {n} labels, got "
+                f"{_describe(images)}; set `image_size`/`channels` to match the data."
+            )
+
+    def _ddp_needs_full_graph(self) -> bool:
+        if self._trainer is None:
+            return False
+        model = self.trainer.strategy.model
+        return isinstance(model, DistributedDataParallel) and not model.find_unused_parameters
+
+
+class _eval_mode:  # lower case: used like `torch.no_grad`
+    """Put a module in eval mode for a block, then restore its previous mode."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self) -> None:
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was_training)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    return f"{type(value).__name__}: {value!r}"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an int, got {_describe(value)}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value: object, minimum: float, inclusive: bool = True) -> None:
+    if not _is_number(value):
+        raise TypeError(f"`{name}` must be a float, got {_describe(value)}")
+    assert isinstance(value, (int, float))
+    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        rule = ">=" if inclusive else ">"
+        raise ValueError(f"`{name}` must be finite and {rule} {minimum}, got {value}")
+
+
+def _check_categories(categories: object) -> list[str]:
+    if isinstance(categories, str) or not isinstance(categories, Sequence):
+        raise TypeError(f"`categories` must be a list of names, got {_describe(categories)}")
+    names = list(categories)
+    if not all(isinstance(c, str) for c in names):
+        raise TypeError(f"`categories` must hold strings, got {names!r}")
+    if CLEAN not in names:
+        raise ValueError(f"`categories` must include {CLEAN!r}, got {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"`categories` must not repeat a name, got {names}")
+    unknown = [c for c in names if c != CLEAN and c not in registered_perturbations()]
+    if unknown:
+        raise ValueError(
+            f"`categories` has unknown perturbations {unknown}; use {CLEAN!r} or registered ones: "
+            f"{registered_perturbations()}"
+        )
+    return names

@@ -1,0 +1,205 @@
+"""`ConditionalGANGenerator`: samples a :class:`ConditionalGAN` where the weakness profile says the model fails.
+
+Each sample targets one weakness, drawn in proportion to its gap: a class or confusion weakness gives a
+clean sample of its class; a perturbation weakness gives a sample of the GAN's matching category at the
+weakness's severity, with a uniformly drawn class. With no usable weakness, samples are clean and of
+uniform class. The discriminator scores every sample; those under ``min_quality`` are dropped and more are
+drawn (up to ``max_rounds`` times) so that about ``budget`` survive. All randomness comes from
+``context.generator``, so every rank makes the same samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_synth.generators.base import GenerationContext, SyntheticBatch, SyntheticGenerator
+from lightning_synth.generators.gan import ConditionalGAN
+from lightning_synth.profile import Weakness, WeaknessProfile
+
+__all__ = ["ConditionalGANGenerator"]
+
+_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What one kind of sample is aimed at: a fixed class (or ``None``: uniform), a category, a severity."""
+
+    key: str
+    weight: float
+    category: int
+    cls: int | None = None
+    severity: float = 0.0
+
+
+class ConditionalGANGenerator(SyntheticGenerator):
+    """Generate class- and perturbation-targeted samples with a :class:`ConditionalGAN`.
+
+    Args:
+        gan: the GAN (trained beforehand, or in the loop with ``train_steps``).
+        min_quality: samples whose realism score is below this are dropped (0 keeps all).
+        oversample: how many candidates to draw per wanted sample in the first round (>= 1).
+        max_rounds: rounds of drawing before giving up on filling the budget.
+        train_steps: GAN training steps on ``context.real_inputs`` before each :meth:`generate` (0: none).
+        batch_size: batch size of those steps.
+
+    Raises:
+        TypeError: if ``gan`` is not a :class:`ConditionalGAN` or a number has the wrong type.
+        ValueError: if a number is out of range.
+
+    Example:
+        >>> from lightning_synth.profile import Weakness, WeaknessProfile
+        >>> gan = ConditionalGAN(latent_dim=8, image_size=8, width=8)
+        >>> profile = WeaknessProfile(weaknesses=[
+        ...     Weakness(kind="class", name="6", error_rate=0.3, gap=0.2, support=10, target=6)])
+        >>> context = GenerationContext(torch.rand(16, 1, 8, 8), torch.arange(16) % 10, 10,
+        ...                             torch.Generator().manual_seed(0))
+        >>> batch = ConditionalGANGenerator(gan).generate(profile, 4, context)
+        >>> batch.targets.tolist(), batch.weakness[0]
+        ([6, 6, 6, 6], 'class/6')
+    """
+
+    name = "gan"
+
+    def __init__(
+        self,
+        gan: ConditionalGAN,
+        min_quality: float = 0.0,
+        oversample: float = 1.5,
+        max_rounds: int = 4,
+        train_steps: int = 0,
+        batch_size: int = 64,
+    ) -> None:
+        if not isinstance(gan, ConditionalGAN):
+            raise TypeError(f"`gan` must be a ConditionalGAN, got {type(gan).__name__}")
+        for name, value, low, high in (("min_quality", min_quality, 0.0, 1.0), ("oversample", oversample, 1.0, None)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a float, got {type(value).__name__}: {value!r}")
+            if not (low <= value and (high is None or value <= high)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be in [{low}, {high if high is not None else 'inf'}), got {value}")
+        for name, value, low in (("max_rounds", max_rounds, 1), ("train_steps", train_steps, 0),
+                                 ("batch_size", batch_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"`{name}` must be an int, got {type(value).__name__}: {value!r}")
+            if value < low:
+                raise ValueError(f"`{name}` must be >= {low}, got {value}")
+        self.gan = gan
+        self.min_quality, self.oversample, self.max_rounds = float(min_quality), float(oversample), max_rounds
+        self.train_steps, self.batch_size = train_steps, batch_size
+        self._optimizers: list[torch.optim.Optimizer] | None = None
+        self._pending_optimizer_state: list[dict[str, Any]] | None = None
+
+    def generate(self, profile: WeaknessProfile, budget: int, context: GenerationContext) -> SyntheticBatch:
+        """Up to ``budget`` samples aimed at ``profile`` (CPU tensors); see the module docstring."""
+        if budget < 0:
+            raise ValueError(f"`budget` must be >= 0, got {budget}")
+        num_classes = self.gan.num_classes
+        if context.num_classes != num_classes:
+            raise ValueError(f"The task has {context.num_classes} classes but the GAN was built with "
+                             f"`num_classes={num_classes}`; build the GAN with the task's class count.")
+        self._move_to(context.device)
+        if self.train_steps > 0:
+            self._train(context)
+        if budget == 0:
+            return SyntheticBatch.empty(self.name, self._empty_images())
+        targets = self.plan(profile)
+        inputs, labels, quality = [], [], []
+        keys: list[str] = []
+        kept, pass_rate = 0, 1.0
+        for _ in range(self.max_rounds):
+            n = math.ceil((budget - kept) * self.oversample / max(pass_rate, 0.05))
+            images, classes, round_keys, scores = self._draw(targets, n, context.generator)
+            ok = scores >= self.min_quality
+            pass_rate = max(float(ok.float().mean()), 1.0 / n)
+            keep = ok.nonzero().squeeze(1)[: budget - kept]
+            inputs.append(images[keep])
+            labels.append(classes[keep])
+            keys.extend(round_keys[i] for i in keep.tolist())
+            quality.append(scores[keep])
+            kept += len(keep)
+            if kept >= budget:
+                break
+        return SyntheticBatch(torch.cat(inputs), torch.cat(labels), keys, torch.cat(quality), self.name)
+
+    def plan(self, profile: WeaknessProfile) -> list[_Target]:
+        """The weaknesses this generator can target, with their sampling weights (the positive gaps)."""
+        num_classes = self.gan.num_classes
+        targets = []
+        for w in profile.by_kind(("class", "confusion", "perturbation")):
+            if w.gap <= 0:
+                continue
+            if w.kind != "perturbation" and w.target is not None and 0 <= w.target < num_classes:
+                targets.append(_Target(w.key, w.gap, self.gan.clean_index, cls=w.target))
+            elif w.kind == "perturbation" and w.name in self.gan.categories:
+                targets.append(_Target(w.key, w.gap, self.gan.category_index(w.name),
+                                       severity=self._severity(w)))
+        return targets
+
+    def state_dict(self) -> dict[str, Any]:
+        opts = self._optimizers
+        optimizer_state = [o.state_dict() for o in opts] if opts is not None else self._pending_optimizer_state
+        return {"gan": self.gan.state_dict(), "optimizers": optimizer_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.gan.load_state_dict(state_dict["gan"])
+        self._optimizers = None
+        self._pending_optimizer_state = state_dict.get("optimizers")
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _train(self, context: GenerationContext) -> None:
+        if context.task_model is not None:
+            self.gan.set_task_model(context.task_model)
+        if self._optimizers is None:
+            # Built lazily, after the GAN is on its device, so that Adam's state lives beside the weights.
+            self._optimizers = self.gan.configure_optimizers()
+            for opt, state in zip(self._optimizers, self._pending_optimizer_state or []):
+                opt.load_state_dict(state)
+            self._pending_optimizer_state = None
+        self._optimizers = self.gan.fit_steps(
+            context.real_inputs, context.real_targets, self.train_steps, self.batch_size,
+            generator=context.generator, optimizers=self._optimizers,
+        )
+
+    def _move_to(self, device: torch.device) -> None:
+        if self._optimizers is not None and self.gan.device != torch.device(device):
+            # Adam's state does not follow `.to()`; reloading it casts it to the weights' new device.
+            self._pending_optimizer_state = [o.state_dict() for o in self._optimizers]
+            self._optimizers = None
+        self.gan.to(device)
+
+    def _draw(
+        self, targets: list[_Target], n: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, list[str], Tensor]:
+        num_classes = self.gan.num_classes
+        if targets:
+            weights = torch.tensor([t.weight for t in targets], dtype=torch.float64)
+            which = torch.multinomial(weights, n, replacement=True, generator=generator)
+        else:
+            which = torch.zeros(n, dtype=torch.long)
+        uniform = torch.randint(num_classes, (n,), generator=generator)
+        picked = [targets[i] for i in which.tolist()] if targets else [None] * n
+        classes = torch.tensor([t.cls if t is not None and t.cls is not None else int(u)
+                                for t, u in zip(picked, uniform.tolist())], dtype=torch.long)
+        categories = torch.tensor([t.category if t is not None else self.gan.clean_index for t in picked])
+        severities = torch.tensor([t.severity if t is not None else 0.0 for t in picked])
+        keys = [t.key if t is not None else f"class/{c}" for t, c in zip(picked, classes.tolist())]
+        images, scores = [], []
+        for part in torch.arange(n).split(_CHUNK):  # bounded memory whatever the budget
+            c, k, s = classes[part], categories[part], severities[part]
+            images.append(self.gan.sample(c, k, generator=generator, severities=s))
+            scores.append(self.gan.realism(images[-1], c, k, s).cpu())
+            images[-1] = images[-1].cpu()
+        return torch.cat(images), classes, keys, torch.cat(scores)
+
+    def _severity(self, weakness: Weakness) -> float:
+        top = self.gan.max_severity(self.gan.category_index(weakness.name))
+        return top if weakness.severity is None else min(max(float(weakness.severity), 0.0), top)
+
+    def _empty_images(self) -> Tensor:
+        size, channels = self.gan.image_size, self.gan.channels
+        return torch.zeros(0, channels, size, size)

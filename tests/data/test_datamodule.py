@@ -1,0 +1,123 @@
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SynthesisCallback
+from lightning_synth.data import SyntheticDataModule
+from lightning_synth.datasets import DictDataset, DigitsDataModule, load_digits_tensors
+from lightning_synth.demos import ImageClassifier
+from lightning_synth.generators import SyntheticGenerator, TargetedAugmentation
+
+
+class Boom(SyntheticGenerator):
+    name = "boom"
+
+    def generate(self, profile, budget, context):
+        raise RuntimeError("kaput")
+
+
+def _model():
+    return ImageClassifier(num_classes=10, image_size=8, arch="mlp", width=64, lr=1e-2)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(TypeError, match="`datamodule` must be a LightningDataModule"):
+        SyntheticDataModule(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`generators` must hold SyntheticGenerator"):
+        SyntheticDataModule(DigitsDataModule(), generators=[object()])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="unique names"):
+        SyntheticDataModule(DigitsDataModule(), generators=[TargetedAugmentation(), TargetedAugmentation()])
+    with pytest.raises(ValueError, match="`real_cache_size` must be an int >= 1"):
+        SyntheticDataModule(DigitsDataModule(), real_cache_size=0)
+    with pytest.raises(ValueError, match="synthetic_budget"):
+        SyntheticDataModule(DigitsDataModule(), synthetic_budget=-1)
+    with pytest.raises(ValueError, match="`min_generator_share`"):
+        SyntheticDataModule(DigitsDataModule(), min_generator_share=0.9)
+
+
+def test_end_to_end_pool_follows_profile_and_failing_generator_is_skipped(tkw):
+    dm = SyntheticDataModule(DigitsDataModule(), generators=[TargetedAugmentation(), Boom()], synthetic_budget=512)
+    analyzer = FailureModeCallback(max_samples=128)
+    trainer = L.Trainer(max_epochs=3, callbacks=[analyzer], **tkw())
+    with pytest.warns(UserWarning, match="Generator 'boom' failed"):
+        trainer.fit(_model(), datamodule=dm)
+    kinds = [type(c) for c in trainer.callbacks]
+    assert AdaptiveSampling in kinds and SynthesisCallback in kinds and kinds.count(FailureModeCallback) == 1
+    # Epochs 1 and 2 refreshed; the failing generator's share of the budget is lost, nothing else.
+    assert set(dm.generated) == {"targeted"} and len(dm.pool) == dm.generated["targeted"] > 512
+    # The pool follows the profile: the weakest perturbation family gets more samples than the least weak.
+    scores = analyzer.history[0].perturbation_scores()
+    counts: dict[str, int] = {}
+    for key, n in dm.pool.stats()["count_by_weakness"].items():
+        name = key.split("/")[1].split("@")[0]
+        counts[name] = counts.get(name, 0) + n
+    ranked = sorted(scores, key=scores.get)
+    assert counts.get(ranked[-1], 0) > counts.get(ranked[0], 0), (scores, counts)
+    metrics = trainer.callback_metrics
+    assert {"synth/weight", "synth/pool_size", "synth/mass_synthetic"} <= set(metrics)
+    assert 0 < float(metrics["synth/mass_synthetic"]) < 1
+
+
+def test_dict_samples_keep_their_format(tkw):
+    images, labels = load_digits_tensors()
+
+    class DictDM(L.LightningDataModule):
+        def train_dataloader(self):
+            data = DictDataset(images[:400], labels[:400], group=(labels[:400] % 2))
+            return torch.utils.data.DataLoader(data, batch_size=50)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(DictDataset(images[400:600], labels[400:600]), batch_size=50)
+
+    seen = set()
+
+    class Model(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            seen.add(tuple(sorted(batch)))
+            return torch.nn.functional.cross_entropy(self(batch["image"]), batch["label"])
+
+        def validation_step(self, batch, batch_idx):
+            self(batch["image"])
+
+    dm = SyntheticDataModule(DictDM(), generators=[TargetedAugmentation()], synthetic_budget=128)
+    L.Trainer(max_epochs=2, callbacks=[FailureModeCallback(max_samples=64, perturbations=["rotation"])],
+              **tkw()).fit(Model(image_size=8, arch="mlp"), datamodule=dm)
+    assert seen == {("group", "image", "label")} and len(dm.pool) == 128
+
+
+def test_resume_gives_same_pool_and_weights(tmp_path, tkw):
+    def run(max_epochs, ckpt=None):
+        dm = SyntheticDataModule(DigitsDataModule(), generators=[TargetedAugmentation()], synthetic_budget=128)
+        cbs = [FailureModeCallback(max_samples=64, perturbations=["rotation", "contrast"]),
+               ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
+        trainer = L.Trainer(max_epochs=max_epochs, callbacks=cbs, **tkw(enable_checkpointing=True))
+        trainer.fit(_model(), datamodule=dm, ckpt_path=ckpt)
+        return dm
+
+    run(2)
+    resumed = run(2, ckpt=str(tmp_path / "ckpt" / "last.ckpt"))  # restores and stops at once
+    again = SyntheticDataModule(DigitsDataModule(), generators=[TargetedAugmentation()], synthetic_budget=128)
+    again.load_state_dict(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["SyntheticDataModule"])
+    assert len(resumed.pool) == len(again.pool) == 128
+    assert torch.equal(resumed.pool.sample_ids, again.pool.sample_ids)
+    assert resumed.weighting.weight == again.weighting.weight
+    assert resumed.generated == again.generated == {"targeted": 128}
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_pool_and_weight_identical_on_ranks_and_work_shared(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "ddp_synthetic_script.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path), "2", "ddp"], check=True, timeout=600)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["pool_size"] == 400  # 200 per refresh, epochs 1 and 2
+    for key in ("sample_ids", "inputs_sum", "targets", "weight", "probabilities_sum_sq"):
+        assert rank0[key] == rank1[key], key
+    # Each rank made only its half of each refresh: nothing was generated twice.
+    assert rank0["local_budgets"] == rank1["local_budgets"] == [100, 100]
