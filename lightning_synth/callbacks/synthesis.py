@@ -71,15 +71,17 @@ class SynthesisCallback(Callback):
             rank_zero_info(f"lightning_synth settings: {line}")
         settings = dm.controller.settings
         sampler.temperature, sampler.uniform_mix = settings.sampler_temperature, settings.sampler_uniform_mix
-        profile = settings.effective_profile(self._measured_profile(trainer))
-        if profile is not None and self.first_profile is None:
-            self.first_profile = profile
+        measured = self._measured_profile(trainer)
+        if measured is not None and self.first_profile is None:
+            self.first_profile = measured
+        # Before the first analysis the profile is empty: generators then spread over the whole bank.
+        profile = settings.effective_profile(measured) or WeaknessProfile()
         metrics: dict[str, float] = {}
         due = trainer.current_epoch % settings.refresh_every_n_epochs == 0
-        if profile is not None and due and not settings.paused and settings.synthetic_budget > 0:
+        if due and not settings.paused and settings.synthetic_budget > 0:
             metrics.update(self._refresh(trainer, pl_module, profile))
         metrics.update(self._reweight(trainer))
-        dm.controller.publish(profile=profile, pool=dm.pool.stats(), sampler=sampler.stats(),
+        dm.controller.publish(profile=measured, pool=dm.pool.stats(), sampler=sampler.stats(),
                               weighting={"weight": dm.weighting.weight, "reason": dm.weighting.reason},
                               epoch=trainer.current_epoch)
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=False)
@@ -158,8 +160,7 @@ class SynthesisCallback(Callback):
             was_training = pl_module.training
             pl_module.eval()
             try:
-                with torch.no_grad():
-                    local = generator.generate(profile, share, context)
+                local = generator.generate(profile, share, context)
             except Exception as error:  # a generator's failure must not stop training
                 warnings.warn(f"Generator {generator.name!r} failed and is skipped this epoch: {error!r}",
                               stacklevel=2)
@@ -168,6 +169,10 @@ class SynthesisCallback(Callback):
                 pl_module.train(was_training)
         if world == 1 or not (dist.is_available() and dist.is_initialized()):
             return local
+        # Stateful generators (a GAN fitted in the loop) must stay identical on every rank: rank 0's state wins.
+        state = generator.state_dict()
+        if state:
+            generator.load_state_dict(trainer.strategy.broadcast(state, src=0))
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, local)
         batches = [p for p in parts if p is not None and len(p) > 0]
