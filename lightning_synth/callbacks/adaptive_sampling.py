@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerStatus
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
@@ -96,14 +96,14 @@ class AdaptiveSampling(Callback):
 
     Example:
         >>> import lightning as L
-        >>> callback = AdaptiveSampling(temperature=1.0, uniform_mix=0.3)
+        >>> callback = AdaptiveSampling(temperature=2.0, uniform_mix=0.2)
         >>> trainer = L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False)
     """
 
     def __init__(
         self,
-        temperature: float = 1.0,
-        uniform_mix: float = 0.3,
+        temperature: float = 2.0,
+        uniform_mix: float = 0.2,
         ema_decay: float = 0.5,
         prior: Literal["mean", "max"] = "mean",
         num_samples: int | None = None,
@@ -123,15 +123,11 @@ class AdaptiveSampling(Callback):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
         if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(
-                f"`loss_fn` must be a callable (logits, targets) -> losses or None, got {loss_fn!r}"
-            )
+            raise TypeError(f"`loss_fn` must be a callable (logits, targets) -> losses or None, got {loss_fn!r}")
         if normalize not in ("batch", "none"):
             raise ValueError(f"`normalize` must be 'batch' or 'none', got {normalize!r}")
         if capture_module is not None and (not isinstance(capture_module, str) or not capture_module):
-            raise ValueError(
-                f"`capture_module` must be a non-empty submodule name or None, got {capture_module!r}"
-            )
+            raise ValueError(f"`capture_module` must be a non-empty submodule name or None, got {capture_module!r}")
         self.sampler_kwargs = {
             "temperature": temperature,
             "uniform_mix": uniform_mix,
@@ -207,9 +203,7 @@ class AdaptiveSampling(Callback):
         self._unwire()
 
     @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._unwire()
 
     def _prepare_loader(self, loader: Any, trainer: pl.Trainer) -> Any:
@@ -255,8 +249,9 @@ class AdaptiveSampling(Callback):
                 seed=seed,
                 **self.sampler_kwargs,  # type: ignore[arg-type]
             )
-        else:
+        else:  # a reloaded loader, or this callback reused for another fit: keep the learned weights
             sampler.dataset = loader.dataset  # type: ignore[assignment]
+            sampler.num_replicas, sampler.rank = trainer.world_size, trainer.global_rank
         return _update_dataloader(loader, sampler, mode=RunningStage.TRAINING), sampler
 
     def _bind_loader(self, trainer: pl.Trainer) -> None:
@@ -337,9 +332,7 @@ class AdaptiveSampling(Callback):
     def _per_sample_losses(self, outputs: Any, batch: Any) -> Tensor | None:
         if isinstance(outputs, Mapping) and outputs.get(PER_SAMPLE_LOSS_KEY) is not None:
             losses = torch.as_tensor(outputs[PER_SAMPLE_LOSS_KEY])
-            return (
-                losses.reshape(losses.shape[0], -1).float().mean(1) if losses.ndim > 1 else losses.reshape(-1)
-            )
+            return losses.reshape(losses.shape[0], -1).float().mean(1) if losses.ndim > 1 else losses.reshape(-1)
         if self._captured is None:
             self._warn_once(
                 "capture",
@@ -354,9 +347,7 @@ class AdaptiveSampling(Callback):
         logits = self._captured.float()
         try:
             losses = (
-                self.loss_fn(logits, targets)
-                if self.loss_fn
-                else F.cross_entropy(logits, targets, reduction="none")
+                self.loss_fn(logits, targets) if self.loss_fn else F.cross_entropy(logits, targets, reduction="none")
             )
         except (RuntimeError, ValueError, IndexError) as err:
             raise RuntimeError(
@@ -418,7 +409,8 @@ class AdaptiveSampling(Callback):
         self.last_update = {"indices": idx, "losses": values[:, 0], "scores": values[:, 1]}
         if self.log_stats:
             stats = {f"adaptive_sampling/{key}": value for key, value in self.sampler.stats().items()}
-            pl_module.log_dict(stats, on_step=False, on_epoch=True, sync_dist=False)
+            # identical on every rank; syncing only silences Lightning's epoch-level DDP logging warning
+            pl_module.log_dict(stats, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
 
     # ----------------------------------------------------------------------------------------- state
     @override
@@ -428,8 +420,9 @@ class AdaptiveSampling(Callback):
         During ``fit`` with several processes this gathers the ranks' buffers, so like
         ``Trainer.save_checkpoint`` it must run on every rank (Lightning does so).
         """
-        if self._in_fit:
-            self._sync()
+        trainer = self._trainer
+        if self._in_fit and trainer is not None and trainer.state.status == TrainerStatus.RUNNING:
+            self._sync()  # not while handling an exception: the other ranks may not be there to gather
         pos, idx, values = self._pending()
         sampler_state = self.sampler.state_dict() if self.sampler is not None else self._sampler_state_to_load
         return {
@@ -442,9 +435,7 @@ class AdaptiveSampling(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"sampler", "pending"} - set(state_dict)
         if missing:
-            raise KeyError(
-                f"AdaptiveSampling state is missing {sorted(missing)}; keys present: {sorted(state_dict)}"
-            )
+            raise KeyError(f"AdaptiveSampling state is missing {sorted(missing)}; keys present: {sorted(state_dict)}")
         pending = state_dict["pending"]
         pairs = (pending["positions"], pending["indices"], pending["values"])
         self._gathered = [pairs] if pairs[0].numel() else []

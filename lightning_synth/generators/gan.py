@@ -86,6 +86,18 @@ class _Discriminator(nn.Module):
         return self.realness(h).squeeze(1) + (projection * h).sum(1), self.aux(h)
 
 
+def mode_seeking_loss(images: Tensor, z: Tensor) -> Tensor:
+    """Mode-seeking term (MSGAN, Mao et al. 2019) for pairs ``(i, i + ceil(N / 2))`` made under the same
+    conditions: ``1 / (image distance / noise distance)``. Minimising it stops a conditional generator from
+    ignoring its noise (one image per class).
+    """
+    half = (len(z) + 1) // 2
+    m = len(z) - half
+    image_gap = (images[:m] - images[half : half + m]).abs().mean()
+    z_gap = (z[:m] - z[half : half + m]).abs().mean()
+    return 1.0 / (image_gap / z_gap.clamp(min=1e-8) + 1e-5) if m > 0 else images.sum() * 0.0
+
+
 def margin_hinge(logits: Tensor, targets: Tensor, floor: float) -> Tensor:
     """Mean of ``relu(margin - floor)``, with ``margin = logit[target] - max other logit``.
 
@@ -111,6 +123,7 @@ class ConditionalGAN(L.LightningModule):
         lr: Adam learning rate of both networks.
         betas: Adam betas.
         aux_weight: weight of the auxiliary class/category loss (0 turns the AC-GAN head off).
+        diversity_weight: weight of the mode-seeking term that keeps samples of one condition diverse.
         adversarial_weight: weight of the task-adversarial term (0: off); needs :meth:`set_task_model`.
         adversarial_margin: the task model's margin the adversarial term stops at (>= 0, so labels do
             not flip).
@@ -145,6 +158,7 @@ class ConditionalGAN(L.LightningModule):
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         aux_weight: float = 1.0,
+        diversity_weight: float = 1.0,
         adversarial_weight: float = 0.0,
         adversarial_margin: float = 1.0,
         batch_adapter: BatchAdapter | Callable[[Any], Any] | None = None,
@@ -163,6 +177,7 @@ class ConditionalGAN(L.LightningModule):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"`betas` must both be in [0, 1), got {tuple(betas)}")
         _check_float("aux_weight", aux_weight, 0.0)
+        _check_float("diversity_weight", diversity_weight, 0.0)
         _check_float("adversarial_weight", adversarial_weight, 0.0)
         _check_float("adversarial_margin", adversarial_margin, 0.0)
         self.save_hyperparameters(ignore=["batch_adapter"])
@@ -172,7 +187,7 @@ class ConditionalGAN(L.LightningModule):
         self.image_size, self.channels = image_size, channels
         self.lr, self.betas = float(lr), (float(betas[0]), float(betas[1]))
         self.aux_weight, self.adversarial_weight = float(aux_weight), float(adversarial_weight)
-        self.adversarial_margin = float(adversarial_margin)
+        self.adversarial_margin, self.diversity_weight = float(adversarial_margin), float(diversity_weight)
         self.batch_adapter = resolve_batch_adapter(batch_adapter)
         self.bank = PerturbationBank([c for c in self.categories if c != CLEAN])
         self.clean_index = self.categories.index(CLEAN)
@@ -304,13 +319,16 @@ class ConditionalGAN(L.LightningModule):
         categories, severities = self._draw_conditions(len(labels), generator)
         codes = self._codes(categories, severities)
         real = self._perturb(images, categories, severities, generator)
+        # Fakes come in pairs (i, i + half) that share their conditions, for the mode-seeking term.
+        pair = torch.arange(len(labels), device=self.device) % ((len(labels) + 1) // 2)
+        conditions = (labels[pair], categories[pair], codes[pair])
         z = torch.randn(len(labels), self.latent_dim, generator=generator).to(self.device)
-        fake = self.generator(z, labels, categories, codes)
+        fake = self.generator(z, *conditions)
         # Under DDP without unused-parameter detection every backward must reach every parameter.
         full_graph = self._ddp_needs_full_graph()
 
         real_logit, real_aux = self.discriminator(real, labels, categories, codes)
-        fake_logit, _ = self.discriminator(fake if full_graph else fake.detach(), labels, categories, codes)
+        fake_logit, _ = self.discriminator(fake if full_graph else fake.detach(), *conditions)
         loss_d = (
             F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
             + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
@@ -320,14 +338,14 @@ class ConditionalGAN(L.LightningModule):
         backward(loss_d, **({"retain_graph": True} if full_graph else {}))  # G's graph is reused below
         opt_d.step()
 
-        loss_g = self._generator_loss(fake, labels, categories, codes, freeze_d=not full_graph)
+        loss_g = self._generator_loss(fake, z, *conditions, freeze_d=not full_graph)
         opt_g.zero_grad()
         backward(loss_g["loss_g"])
         opt_g.step()
         return {"loss_d": loss_d.detach(), **{k: v.detach() for k, v in loss_g.items()}}
 
     def _generator_loss(
-        self, fake: Tensor, labels: Tensor, categories: Tensor, codes: Tensor, freeze_d: bool
+        self, fake: Tensor, z: Tensor, labels: Tensor, categories: Tensor, codes: Tensor, freeze_d: bool
     ) -> dict[str, Tensor]:
         self.discriminator.requires_grad_(not freeze_d)
         try:
@@ -336,7 +354,8 @@ class ConditionalGAN(L.LightningModule):
             self.discriminator.requires_grad_(True)
         loss = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
         loss = loss + self.aux_weight * self._aux_loss(aux, labels, categories)
-        out = {}
+        out = {"mode_seeking": mode_seeking_loss(fake, z)}
+        loss = loss + self.diversity_weight * out["mode_seeking"]
         if self.adversarial_weight > 0 and self.task_model is not None:
             out["adversarial"] = self._adversarial_loss(fake, labels)
             loss = loss + self.adversarial_weight * out["adversarial"]
