@@ -1,8 +1,9 @@
 # Run: bash .ci/setup && python3 examples/demo.py
-"""The main job: a short real training on Fashion-MNIST with lightning_synth's analyzer on.
+"""The main job: a short real training on Fashion-MNIST with lightning_synth on.
 
-It prints the weakness profile after each validation and logs every figure through a CSV logger (or
-offline W&B with `--wandb`), so it needs no account and no network.
+The analyzer prints the weakness profile after each validation; targeted augmentation and scenario
+generation make data for it each epoch; the adaptive sampler weighs real and synthetic samples. Every figure
+goes through a CSV logger (or offline W&B with `--wandb`), so it needs no account and no network.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_synth import FailureModeCallback
+from lightning_synth import AdaptiveSampling, FailureModeCallback, SyntheticDataModule
 from lightning_synth.datasets import FASHION_MNIST_CLASSES, FashionMNISTDataModule
 from lightning_synth.demos import ImageClassifier
 
@@ -27,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
 
     L.seed_everything(0)
-    datamodule = FashionMNISTDataModule(batch_size=128, train_size=args.train_size, val_size=2000)
+    real = FashionMNISTDataModule(batch_size=128, train_size=args.train_size, val_size=2000)
+    datamodule = SyntheticDataModule(real, synthetic_budget=args.train_size // 4)
     analyzer = FailureModeCallback(max_samples=512, class_names=[c.split("/")[0] for c in FASHION_MNIST_CLASSES],
                                    verbose=True)
     if args.wandb:
@@ -35,7 +37,8 @@ def main() -> None:
         logger: L.pytorch.loggers.Logger = WandbLogger(project="lightning_synth-demo", save_dir=args.out)
     else:
         logger = CSVLogger(args.out, name="demo")
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[analyzer],
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
+                        callbacks=[analyzer, AdaptiveSampling()],
                         default_root_dir=args.out, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(ImageClassifier(num_classes=10), datamodule=datamodule)
 
@@ -46,7 +49,10 @@ def main() -> None:
     print("\nFailure frontier (severity where accuracy drops by >= 10 points):")
     for name, severity in profile.frontier.items():
         print(f"  {name:<16} {'robust up to 5' if severity is None else f'{severity:.2f}'}")
-    print(f"\nLogs in {trainer.log_dir}")
+    stats = datamodule.pool.stats()
+    print(f"\nSynthetic pool: {stats['size']} samples by generator {stats['count_by_generator']}; "
+          f"synthetic weight {datamodule.weighting.weight:.3f}")
+    print(f"Logs in {trainer.log_dir}")
 
 
 if __name__ == "__main__":

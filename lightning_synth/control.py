@@ -98,7 +98,9 @@ Paused = Annotated[
     bool, Field(strict=True, description="Pause generation; the existing pool keeps being used."), _Scalar
 ]
 SyntheticWeight = Annotated[
-    float, Field(strict=True, ge=0.0, le=10.0, description="Pinned multiplier of the synthetic share (0 = no synthetic data); null = automatic."),
+    float,
+    Field(strict=True, ge=0.0, le=10.0,
+          description="Pinned multiplier of the synthetic share (0 = no synthetic data); null = automatic."),
     _Scalar,
 ]
 GeneratorMix = Annotated[
@@ -141,7 +143,8 @@ class SynthesisSettings(BaseModel):
         synthetic_budget: synthetic samples generated per refresh, in ``[0, 10_000_000]``.
         refresh_every_n_epochs: refresh the synthetic pool every this many epochs (``>= 1``).
         paused: pause generation; the existing pool keeps being sampled.
-        synthetic_weight: ``None`` lets the weighting module decide; a float in ``[0, 10]`` pins the multiplier of the synthetic share (0 turns synthetic data off).
+        synthetic_weight: ``None`` lets the weighting module decide; a float in ``[0, 10]`` pins the multiplier
+            of the synthetic share (0 turns synthetic data off).
         generator_mix: non-negative share per generator name, normalised over the generators in use
             (unlisted generators get none); empty = automatic, by sampler mass.
         pinned_profile: when set, generators use it instead of the measured profile (marked ``pinned``).

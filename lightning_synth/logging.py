@@ -74,12 +74,15 @@ def log_images(trainer: L.Trainer, key: str, grids: dict[str, Tensor]) -> int:
 def write_json_artifact(trainer: L.Trainer, name: str, payload: Any) -> Path | None:
     """Write ``payload`` as JSON under the trainer's log dir (rank 0), for loggers without tables.
 
-    Call it on every rank: ``trainer.log_dir`` is a collective under DDP.
+    Call it on every rank: ``trainer.log_dir`` is a collective under DDP. Nothing is written when the trainer
+    has no logger (``logger=False``): there is no log dir to put it in.
     """
-    log_dir = trainer.log_dir
-    if trainer.global_rank != 0:
+    if not trainer.loggers:
         return None
-    folder = Path(log_dir or trainer.default_root_dir) / "lightning_synth"
+    log_dir = trainer.log_dir
+    if trainer.global_rank != 0 or log_dir is None:
+        return None
+    folder = Path(log_dir) / "lightning_synth"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     path.write_text(payload if isinstance(payload, str) else json.dumps(payload, indent=2, default=str))

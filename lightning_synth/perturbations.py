@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "Params",
     "Perturbation",
     "PerturbationBank",
     "default_bank",

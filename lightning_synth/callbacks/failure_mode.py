@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_synth.analysis import GroupAccuracy, ProbeAccuracy, build_profile
 from lightning_synth.batch import BatchAdapter, BatchView, resolve_batch_adapter
 from lightning_synth.logging import log_table, write_json_artifact
-from lightning_synth.perturbations import PerturbationBank
+from lightning_synth.perturbations import Params, Perturbation, PerturbationBank
 from lightning_synth.profile import WeaknessProfile
 
 __all__ = ["FailureModeCallback"]
@@ -85,11 +85,13 @@ class FailureModeCallback(Callback):
         'rotation'
     """
 
+    PARAM_CACHE_BYTES = 256 * 2**20  # probe parameters kept across epochs (the probe subset does not change)
+
     def __init__(
         self,
         perturbations: Sequence[str] | None = None,
         severities: Sequence[int] = (1, 2, 3, 4, 5),
-        max_samples: int = 512,
+        max_samples: int = 256,
         every_n_epochs: int = 1,
         frontier_threshold: float = 0.1,
         top_k_confusions: int = 5,
@@ -129,6 +131,8 @@ class FailureModeCallback(Callback):
         self.seed, self.verbose = seed, verbose
         self.profile: WeaknessProfile | None = None
         self.history: list[WeaknessProfile] = []
+        self._param_cache: dict[tuple[Any, ...], Params] = {}
+        self._param_cache_bytes = 0
         self._reset_run_state()
 
     @property
@@ -329,10 +333,22 @@ class FailureModeCallback(Callback):
         probe: ProbeAccuracy = self._metrics["probe"]
         probe.update(slice(None), 0, hits[:take].unsqueeze(0).expand(len(self.bank), -1))
         for p, op in enumerate(self.bank):
-            batch = torch.cat([op.apply(images, op.sample_params_per_sample(images.shape, s, seeds))
+            batch = torch.cat([op.apply(images, self._probe_params(op, images.shape, s, seeds))
                                for s in self.severities])
             logits = self._forward(pl_module, batch).view(len(self.severities), take, -1)
             probe.update(p, slice(1, None), logits.argmax(-1) == labels.unsqueeze(0))
+
+    def _probe_params(self, op: Perturbation, shape: torch.Size, severity: int, seeds: list[int]) -> Params:
+        """Per-sample probe parameters, cached across epochs: the probe subset is the same every analysis."""
+        key = (op.name, severity, tuple(shape), seeds[0], len(seeds))
+        params = self._param_cache.get(key)
+        if params is None:
+            params = op.sample_params_per_sample(shape, severity, seeds)
+            size = sum(v.numel() * v.element_size() for v in params.values())
+            if self._param_cache_bytes + size <= self.PARAM_CACHE_BYTES:
+                self._param_cache[key] = params
+                self._param_cache_bytes += size
+        return params
 
     def _finish_pass(self, trainer: L.Trainer) -> WeaknessProfile | None:
         if "confusion" not in self._metrics:

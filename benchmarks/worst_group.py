@@ -1,0 +1,556 @@
+# Run from the repository root:
+#   python -m benchmarks.worst_group                      # erm, jtt, group_dro (+ registered), seeds 0 1 2
+#   python -m benchmarks.worst_group --methods erm jtt --seeds 0 --epochs 1 --train-size 5000
+"""Worst-group benchmark: a spurious colour in Fashion-MNIST.
+
+Every image is tinted into RGB. In training, each class wears its own colour in ``--train-agreement``
+(95%) of its images and a random other colour otherwise; in validation and test the colour is drawn
+independently of the class. A model that reads the colour instead of the shape fails on the rare
+(class, colour) groups. Groups are ``group = label * 10 + colour`` (100 groups); validation batches are
+``(x, y, group)``, training batches ``(x, y)`` (only Group DRO, the upper reference, sees training groups).
+
+Methods (same network, optimizer, batch size and optimizer steps as in :mod:`benchmarks.common`):
+
+- ``erm``;
+- ``jtt`` (Just Train Twice, Liu et al. 2021): ERM for ``--jtt-epochs``, then the final model trains on the
+  training set with its misclassified points repeated ``--jtt-upweight`` times; the identification run is
+  extra cost, reported as ``info.jtt_identify_steps``;
+- ``group_dro`` (Sagawa et al. 2020): online exponentiated-gradient weights over training groups;
+- whatever else is registered for the ``worst_group`` task: ``ctx.extras`` gives the group layout and a
+  ``recolour`` scenario function (see :func:`task_extras`).
+
+Reports average and worst-group test accuracy (mean ± std over seeds); writes
+``<results-dir>/worst_group.json`` and ``<results-dir>/worst_group.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks.common import (
+    Classifier,
+    Method,
+    MethodContext,
+    add_common_arguments,
+    budget,
+    check_common_args,
+    classifier_factory,
+    export_torchscript,
+    fit,
+    format_table,
+    pm,
+    predict,
+    pyplot,
+    quiet_lightning,
+    register_method,
+    resolve_methods,
+    run_method,
+    summarize,
+    write_json,
+)
+from lightning_synth.batch import BatchView
+from lightning_synth.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from lightning_synth.generators.base import GenerationContext
+
+TASK = "worst_group"
+NUM_COLOURS = 10
+COLOUR_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "magenta", "white", "pink")
+# Every colour has a channel at exactly 1, so the grey image is recovered as the max over channels.
+PALETTE = torch.tensor(
+    [
+        [1.0, 0.1, 0.1],
+        [1.0, 0.55, 0.0],
+        [1.0, 1.0, 0.0],
+        [0.2, 1.0, 0.2],
+        [0.0, 1.0, 1.0],
+        [0.15, 0.35, 1.0],
+        [0.6, 0.2, 1.0],
+        [1.0, 0.0, 1.0],
+        [1.0, 1.0, 1.0],
+        [1.0, 0.6, 0.6],
+    ]
+)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Groups are (class, colour) pairs numbered ``label * num_colours + colour``."""
+
+    num_classes: int = 10
+    num_colours: int = NUM_COLOURS
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_classes * self.num_colours
+
+    def group(self, labels: Tensor, colours: Tensor) -> Tensor:
+        return labels * self.num_colours + colours
+
+    def split(self, groups: Tensor) -> tuple[Tensor, Tensor]:
+        """``(labels, colours)`` of ``groups``."""
+        return groups // self.num_colours, groups % self.num_colours
+
+    def name(self, group: int) -> str:
+        return f"{FASHION_MNIST_CLASSES[group // self.num_colours]}/{COLOUR_NAMES[group % self.num_colours]}"
+
+
+LAYOUT = GroupLayout()
+
+
+def tint(grey: Tensor, colours: Tensor) -> Tensor:
+    """Colour grey images ``(B, 1, H, W)`` (float in [0, 1] or uint8) with ``PALETTE[colours]``.
+
+    Returns:
+        Float images ``(B, 3, H, W)`` in [0, 1].
+    """
+    grey = grey.float().div(255) if grey.dtype == torch.uint8 else grey
+    return grey * PALETTE.to(grey)[colours].view(-1, 3, 1, 1)
+
+
+def recolour(images: Tensor, colours: Tensor | int) -> Tensor:
+    """Give tinted images ``(B, 3, H, W)`` new colours (an int or ``(B,)``): the worst-group scenario.
+
+    Example:
+        >>> grey = torch.rand(2, 1, 28, 28)
+        >>> torch.allclose(recolour(tint(grey, torch.tensor([0, 1])), 5), tint(grey, torch.tensor([5, 5])))
+        True
+    """
+    colours = torch.as_tensor(colours, device=images.device).expand(len(images))
+    return tint(images.amax(1, keepdim=True), colours)
+
+
+def recolour_scenario(value: int, n: int, context: GenerationContext) -> tuple[Tensor, Tensor]:
+    """A ``ScenarioGenerator`` slice scenario for slice ``"group"``: ``n`` images of group ``value``.
+
+    Real training images of the group's class (``context.sample_real``) re-coloured to the group's colour:
+    the rare (class, colour) combinations that the spurious correlation starves.
+
+    Example:
+        >>> grey, labels = torch.rand(8, 1, 28, 28), torch.arange(8) % 2
+        >>> context = GenerationContext(tint(grey, labels), labels, 10, torch.Generator().manual_seed(0))
+        >>> images, targets = recolour_scenario(LAYOUT.group(torch.tensor(1), torch.tensor(6)).item(), 4, context)
+        >>> targets.tolist(), bool((images.amax((2, 3)).argmax(1) == 2).all())  # class 1, purple (blue max)
+        ([1, 1, 1, 1], True)
+    """
+    label, colour = divmod(int(value), NUM_COLOURS)
+    images, labels = context.sample_real(n, torch.tensor([label]))
+    return recolour(images, colour), labels
+
+
+def sample_colours(labels: Tensor, agreement: float | None, generator: torch.Generator) -> Tensor:
+    """The class's colour with probability ``agreement``, else a random other one; ``None``: independent."""
+    if agreement is None:
+        return torch.randint(NUM_COLOURS, labels.shape, generator=generator)
+    other = (labels + torch.randint(1, NUM_COLOURS, labels.shape, generator=generator)) % NUM_COLOURS
+    keep = torch.rand(labels.shape, generator=generator) < agreement
+    return torch.where(keep, labels % NUM_COLOURS, other)
+
+
+class TintedDataset(Dataset):
+    """Grey uint8 images tinted on the fly: items ``(x, y)`` or ``(x, y, group)``; optional index list."""
+
+    def __init__(
+        self, grey: Tensor, labels: Tensor, colours: Tensor, with_groups: bool, indices: Tensor | None = None
+    ) -> None:
+        self.grey, self.labels, self.colours, self.with_groups = grey, labels, colours, with_groups
+        self.groups = LAYOUT.group(labels, colours)
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.labels) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        i = int(self.indices[index]) if self.indices is not None else index
+        image = tint(self.grey[i : i + 1], self.colours[i : i + 1])[0]
+        return (image, self.labels[i], self.groups[i]) if self.with_groups else (image, self.labels[i])
+
+    def images(self) -> Tensor:
+        """All images (ignoring ``indices``), tinted, as float ``(N, 3, H, W)``."""
+        return tint(self.grey, self.colours)
+
+    def predict(self, model: nn.Module, chunk: int = 5000) -> Tensor:
+        """``model``'s predicted classes for every image (ignoring ``indices``), tinting chunk by chunk."""
+        parts = [
+            predict(model, tint(self.grey[i : i + chunk], self.colours[i : i + chunk]))
+            for i in range(0, len(self.labels), chunk)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+class ColouredFashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST tinted with a class-correlated colour in training, independent colour in val/test.
+
+    Args:
+        batch_size: samples per batch.
+        val_size: samples of the official train split held out for validation.
+        train_size: optional cap on training samples; test_size: on test samples.
+        train_agreement: probability that a training image wears its class's colour.
+        seed: seed of the split, subsets and colours.
+        train_groups: training batches carry groups ``(x, y, group)`` (Group DRO only).
+        num_workers: DataLoader workers.
+
+    Attributes:
+        train_indices: optional indices into the training set, repeats allowed (JTT's upsampling); set it
+            before ``train_dataloader`` is called.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        train_size: int | None = None,
+        test_size: int | None = None,
+        train_agreement: float = 0.95,
+        seed: int = 0,
+        train_groups: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        if not 0 < val_size < 60000:
+            raise ValueError(f"`val_size` must be in (0, 60000), got {val_size}")
+        if not 0.0 <= train_agreement <= 1.0:
+            raise ValueError(f"`train_agreement` must be in [0, 1], got {train_agreement}")
+        for name, value in (("train_size", train_size), ("test_size", test_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1 or None, got {value}")
+        self.batch_size, self.val_size, self.train_size, self.test_size = (
+            batch_size,
+            val_size,
+            train_size,
+            test_size,
+        )
+        self.train_agreement, self.seed, self.num_workers = train_agreement, seed, num_workers
+        self.train_groups = train_groups
+        self.train_indices: Tensor | None = None
+        self.train_set: TintedDataset | None = None
+        self.val_set: TintedDataset | None = None
+        self.test_set: TintedDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        g = torch.Generator().manual_seed(self.seed)
+        images, labels = load_fashion_mnist("train")
+        grey = images.mul(255).round().to(torch.uint8)
+        order = torch.randperm(len(labels), generator=g)
+        val, train = order[: self.val_size], order[self.val_size :][: self.train_size]
+        self.train_set = self._tinted(grey[train], labels[train], self.train_agreement, g)
+        self.val_set = self._tinted(grey[val], labels[val], None, g)
+        test_images, test_labels = load_fashion_mnist("test")
+        keep = torch.randperm(len(test_labels), generator=g)[: self.test_size]
+        self.test_set = self._tinted(test_images.mul(255).round().to(torch.uint8)[keep], test_labels[keep], None, g)
+
+    @staticmethod
+    def _tinted(grey: Tensor, labels: Tensor, agreement: float | None, g: torch.Generator) -> TintedDataset:
+        return TintedDataset(grey, labels, sample_colours(labels, agreement, g), with_groups=True)
+
+    def _loader(self, dataset: TintedDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("Call `setup()` before asking for a dataloader.")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError("Call `setup()` before asking for a dataloader.")
+        s = self.train_set
+        return self._loader(
+            TintedDataset(s.grey, s.labels, s.colours, self.train_groups, self.train_indices), shuffle=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class GroupDROLoss(nn.Module):
+    """Online Group DRO objective (Sagawa et al. 2020): exponentiated-gradient weights ``q`` over groups.
+
+    Each step: per-group mean loss ``l_g`` on the batch, ``q <- q * exp(step_size * l_g)`` normalised, loss
+    ``sum_g q_g l_g``. ``q`` is a buffer, so it is checkpointed and moves with the module.
+
+    Example:
+        >>> dro = GroupDROLoss(num_groups=2)
+        >>> groups = {"group": torch.tensor([0, 1])}
+        >>> view = BatchView(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), groups)
+        >>> round(float(dro(torch.tensor([1.0, 3.0]), view)), 3)
+        2.01
+    """
+
+    q: Tensor
+
+    def __init__(self, num_groups: int, step_size: float = 0.01) -> None:
+        super().__init__()
+        if num_groups < 1:
+            raise ValueError(f"`num_groups` must be >= 1, got {num_groups}")
+        if not step_size > 0:
+            raise ValueError(f"`step_size` must be > 0, got {step_size}")
+        self.num_groups, self.step_size = num_groups, step_size
+        self.register_buffer("q", torch.full((num_groups,), 1.0 / num_groups))
+
+    def forward(self, losses: Tensor, view: BatchView) -> Tensor:
+        if "group" not in view.slices:
+            raise RuntimeError(f"Group DRO needs training batches (x, y, group); got slices {list(view.slices)}")
+        one_hot = F.one_hot(view.slices["group"].long(), self.num_groups).to(losses)
+        group_loss = (one_hot * losses[:, None]).sum(0) / one_hot.sum(0).clamp_min(1)
+        with torch.no_grad():
+            q = self.q * torch.exp(self.step_size * group_loss.detach())
+            self.q.copy_(q / q.sum())
+        return (self.q * group_loss).sum()
+
+
+def make_jtt(identify_epochs: int = 1, upweight: int = 20) -> Method:
+    """Just Train Twice: ERM for ``identify_epochs``, then retrain with its errors seen ``upweight`` times."""
+    if identify_epochs < 1 or upweight < 1:
+        raise ValueError(f"`identify_epochs` and `upweight` must be >= 1, got {identify_epochs}, {upweight}")
+
+    def wrap(dm: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
+        if not isinstance(dm, ColouredFashionMNISTDataModule):
+            raise TypeError(f"JTT needs a ColouredFashionMNISTDataModule, got {type(dm).__name__}")
+        dm.setup("fit")
+        assert dm.train_set is not None
+        identifier = ctx.classifier()
+        steps = identify_epochs * ctx.steps_per_epoch
+        stats = fit(
+            identifier,
+            dm,
+            max_steps=steps,
+            root_dir=ctx.root_dir / "jtt-identify",
+            accelerator=ctx.accelerator,
+        )
+        wrong = (dm.train_set.predict(identifier) != dm.train_set.labels).nonzero().squeeze(1)
+        dm.train_indices = torch.cat([torch.arange(len(dm.train_set)), wrong.repeat(upweight - 1)])
+        ctx.info.update(jtt_error_set=len(wrong), jtt_identify_steps=steps, jtt_identify_seconds=stats["train_seconds"])
+        L.seed_everything(ctx.seed, workers=True, verbose=False)  # the final model starts like ERM's
+        return dm
+
+    return Method(
+        "jtt",
+        (TASK,),
+        wrap_datamodule=wrap,
+        description=f"JTT: ERM {identify_epochs} epoch(s), errors upsampled x{upweight}, retrain",
+    )
+
+
+def make_group_dro(step_size: float = 0.01) -> Method:
+    """Group DRO with training group labels: an upper reference, not a fair competitor."""
+
+    def wrap(dm: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
+        if not isinstance(dm, ColouredFashionMNISTDataModule):
+            raise TypeError(f"Group DRO needs a ColouredFashionMNISTDataModule, got {type(dm).__name__}")
+        dm.train_groups = True
+        return dm
+
+    make = classifier_factory(make_objective=lambda ctx: GroupDROLoss(LAYOUT.num_groups, step_size))
+    return Method(
+        "group_dro",
+        (TASK,),
+        make_module=make,
+        wrap_datamodule=wrap,
+        description=f"Group DRO (training group labels), step size {step_size}",
+    )
+
+
+register_method(make_jtt())
+register_method(make_group_dro())
+
+
+def task_extras() -> dict[str, Any]:
+    """What a method finds in ``ctx.extras`` for this task (e.g. to build lightning_synth's scenarios).
+
+    - ``layout``: :class:`GroupLayout` (``group(labels, colours)``, ``split(groups)``, ``name(group)``);
+    - ``num_groups``: 100; ``slice_key``: ``"group"`` (the third element of validation batches);
+    - ``scenarios``: ``{"group": recolour_scenario}``, ready for
+      ``ScenarioGenerator(scenarios=ctx.extras["scenarios"])``: it realises a weak group ``(y, colour)`` by
+      re-colouring real class-``y`` images;
+    - ``recolour``: ``(images (B,3,H,W), colours int|(B,)) -> images``, the re-colouring itself;
+    - ``palette``, ``colour_names``.
+    """
+    return {
+        "scenarios": {"group": recolour_scenario},
+        "layout": LAYOUT,
+        "num_groups": LAYOUT.num_groups,
+        "slice_key": "group",
+        "recolour": recolour,
+        "palette": PALETTE.clone(),
+        "colour_names": COLOUR_NAMES,
+    }
+
+
+def group_accuracy(model: Classifier, dataset: TintedDataset) -> dict[str, Any]:
+    """Average accuracy, per-group accuracy (groups present only) and the worst group."""
+    correct = (dataset.predict(model) == dataset.labels).float()
+    per_group = {int(g): float(correct[dataset.groups == g].mean()) for g in dataset.groups.unique()}
+    worst = min(per_group, key=per_group.__getitem__)
+    return {
+        "average": float(correct.mean()),
+        "worst_group": per_group[worst],
+        "worst_group_name": LAYOUT.name(worst),
+        "mean_group": statistics.fmean(per_group.values()),
+        "groups_evaluated": len(per_group),
+        "per_group": {LAYOUT.name(g): acc for g, acc in per_group.items()},
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--train-agreement", type=float, default=0.95)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--jtt-epochs", type=int, default=1)
+    parser.add_argument("--jtt-upweight", type=int, default=20)
+    parser.add_argument("--dro-step-size", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    if not 0 <= args.train_agreement <= 1:
+        raise ValueError(f"`--train-agreement` must be in [0, 1], got {args.train_agreement}")
+    if args.jtt_epochs < 1 or args.jtt_upweight < 1:
+        raise ValueError(
+            f"`--jtt-epochs` and `--jtt-upweight` must be >= 1, got {args.jtt_epochs}, {args.jtt_upweight}"
+        )
+    if not args.dro_step_size > 0:
+        raise ValueError(f"`--dro-step-size` must be > 0, got {args.dro_step_size}")
+    return args
+
+
+def make_datamodule(args: argparse.Namespace) -> ColouredFashionMNISTDataModule:
+    return ColouredFashionMNISTDataModule(
+        batch_size=args.batch_size,
+        val_size=args.val_size,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        train_agreement=args.train_agreement,
+        seed=args.data_seed,
+    )
+
+
+def make_context(args: argparse.Namespace, seed: int, train_size: int, root_dir: Path) -> MethodContext:
+    steps_per_epoch, max_steps = budget(train_size, args.batch_size, args.epochs)
+    return MethodContext(
+        task=TASK,
+        seed=seed,
+        in_channels=3,
+        num_classes=10,
+        image_size=(28, 28),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        epochs=args.epochs,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+        train_size=train_size,
+        root_dir=root_dir,
+        accelerator=args.accelerator,
+        width=args.width,
+        extras=task_extras(),
+    )
+
+
+def plot(path: Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
+    plt = pyplot()
+    methods = list(summary)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(methods) + 2), 4))
+    for i, (key, label) in enumerate([("average", "average"), ("worst_group", "worst group")]):
+        xs = [j + (i - 0.5) * 0.38 for j in range(len(methods))]
+        ax.bar(
+            xs,
+            [100 * summary[m][key]["mean"] for m in methods],
+            0.38,
+            yerr=[100 * summary[m][key]["std"] for m in methods],
+            capsize=3,
+            label=label,
+        )
+    ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Coloured Fashion-MNIST: average vs worst-group accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    quiet_lightning()
+    overrides = {
+        "jtt": make_jtt(args.jtt_epochs, args.jtt_upweight),
+        "group_dro": make_group_dro(args.dro_step_size),
+    }
+    methods = resolve_methods(args.methods, TASK, overrides)
+    reference = make_datamodule(args)
+    reference.setup("fit")
+    assert reference.train_set is not None and reference.test_set is not None and reference.val_set is not None
+    train_size = len(reference.train_set)
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="worst-group-") as scratch:
+        for method in methods:
+            runs[method.name] = {}
+            for seed in args.seeds:
+                ctx = make_context(args, seed, train_size, Path(scratch) / f"{method.name}-{seed}")
+                model, stats = run_method(method, ctx, make_datamodule(args))
+                test, val = (
+                    group_accuracy(model, reference.test_set),
+                    group_accuracy(model, reference.val_set),
+                )
+                runs[method.name][seed] = {**test, "val": val, **stats, "info": ctx.info}
+                print(
+                    f"{method.name} seed {seed}: average {test['average']:.4f}, worst group "
+                    f"{test['worst_group']:.4f} ({test['worst_group_name']}), {stats['train_seconds']:.1f}s"
+                )
+                if args.export_dir is not None and seed == args.seeds[0]:
+                    export_torchscript(model, args.export_dir / f"{method.name}.pt")
+    summary = {
+        name: {
+            key: summarize([r[key] for r in per_seed.values()])
+            for key in ("average", "worst_group", "mean_group", "train_seconds", "train_cpu_seconds")
+        }
+        | {"val_worst_group": summarize([r["val"]["worst_group"] for r in per_seed.values()])}
+        for name, per_seed in runs.items()
+    }
+    rows = [
+        [
+            name,
+            pm(s["average"]),
+            pm(s["worst_group"]),
+            pm(s["val_worst_group"]),
+            f"{s['train_seconds']['mean']:.0f}",
+            f"{s['train_cpu_seconds']['mean']:.0f}",
+        ]
+        for name, s in summary.items()
+    ]
+    print(format_table(["method", "average %", "worst group %", "val worst group %", "train s", "train cpu s"], rows))
+    payload = {
+        "benchmark": TASK,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        | {
+            "train_size_used": train_size,
+            "test_size_used": len(reference.test_set),
+            "max_steps": make_context(args, 0, train_size, Path()).max_steps,
+            "num_groups": LAYOUT.num_groups,
+        },
+        "methods": {m.name: m.description for m in methods},
+        "summary": summary,
+        "runs": runs,
+    }
+    write_json(args.results_dir / f"{TASK}.json", payload)
+    plot(args.results_dir / f"{TASK}.png", summary)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
