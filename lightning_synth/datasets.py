@@ -191,8 +191,9 @@ class DigitsDataModule(_TensorDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, val_size: int = 400, seed: int = 0) -> None:
         super().__init__(batch_size, num_workers, seed)
-        if not 0 < val_size < 1500:
-            raise ValueError(f"`val_size` must be in (0, 1500), got {val_size}")
+        # val_size samples go to validation and as many to test, out of 1,797: keep at least ~100 to train.
+        if not 0 < val_size <= 850:
+            raise ValueError(f"`val_size` must be in (0, 850] (validation and test take it each), got {val_size}")
         self.val_size = val_size
 
     def setup(self, stage: str | None = None) -> None:

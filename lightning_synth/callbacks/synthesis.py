@@ -25,6 +25,7 @@ from lightning_synth.data.weighting import allocate_budget
 from lightning_synth.generators.base import GenerationContext, SyntheticBatch
 from lightning_synth.logging import image_grid, log_images
 from lightning_synth.profile import WeaknessProfile
+from lightning_synth.progress import track
 
 if TYPE_CHECKING:
     from lightning_synth.data.datamodule import SyntheticDataModule
@@ -107,8 +108,8 @@ class SynthesisCallback(Callback):
         return None
 
     def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule, profile: WeaknessProfile) -> dict[str, float]:
-        dm, sampler = self.dm, self.dm.sampler
-        assert sampler is not None
+        dm, sampler, mixed = self.dm, self.dm.sampler, self.dm.mixed
+        assert sampler is not None and mixed is not None
         names = [g.name for g in dm.generators]
         mass = sampler.group_mass()
         by_generator = {n: mass.get(f"synthetic/{n}", 0.0) for n in names}
@@ -121,19 +122,19 @@ class SynthesisCallback(Callback):
             self._real_cache = dm.real_cache()
         metrics: dict[str, float] = {}
         grids: dict[str, Tensor] = {}
-        for gi, generator in enumerate(dm.generators):
+        # One step per generator; shown only where the trainer shows its own bar (global rank 0).
+        for gi, generator in enumerate(track(dm.generators, trainer, "Synthesis", label=lambda g: g.name)):
             batch = self._generate_shared(trainer, pl_module, gi, profile, budgets[generator.name])
             if batch is None or len(batch) == 0:
                 continue
             update = dm.pool.add(batch, trainer.current_epoch)
-            sampler.resize(len(dm.mixed)) if dm.mixed is not None else None
-            sampler.reset(update.changed + dm.mixed.num_real if dm.mixed is not None else update.changed)
+            sampler.resize(len(mixed))
+            sampler.reset(update.changed + mixed.num_real)  # replaced slots hold new samples: forget their losses
             dm.generated[generator.name] = dm.generated.get(generator.name, 0) + len(batch)
             metrics[f"synth/generated/{generator.name}"] = float(len(batch))
             grids[generator.name] = image_grid(batch.inputs[:32])
-        if dm.mixed is not None:
-            num_real = dm.mixed.num_real
-            sampler.set_groups({f"synthetic/{g}": idx + num_real for g, idx in dm.pool.indices_by_generator().items()})
+        groups = dm.pool.indices_by_generator().items()
+        sampler.set_groups({f"synthetic/{g}": idx + mixed.num_real for g, idx in groups})
         for name, count in budgets.items():
             metrics[f"synth/budget/{name}"] = float(count)
         if dm.log_images and grids:
