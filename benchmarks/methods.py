@@ -48,15 +48,15 @@ def lightning_synth_method(
         # A quarter of the real set's size is generated anew per epoch; the pool keeps about two refreshes.
         # The synthetic share starts at half its loss-driven mass (clean accuracy must not suffer).
         budget = max(256, ctx.train_size // 4)
+        # The datamodule owns the sampler; a huge temperature makes its weights uniform (the ablation).
         return SyntheticDataModule(
             datamodule, generators=_generators(ctx, gan, scenarios), synthetic_budget=budget,
             max_pool_samples=2 * budget, real_cache_size=8192, initial_synthetic_weight=0.5, seed=ctx.seed,
+            sampler_temperature=2.0 if adaptive else 1e6, sampler_uniform_mix=0.2,
         )
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
-        sampling = AdaptiveSampling(seed=ctx.seed) if adaptive else AdaptiveSampling(
-            seed=ctx.seed, temperature=float("inf"))
-        return [FailureModeCallback(max_samples=256, seed=ctx.seed), sampling]
+        return [FailureModeCallback(max_samples=256, seed=ctx.seed), AdaptiveSampling(seed=ctx.seed)]
 
     return Method(name, make_callbacks=callbacks, wrap_datamodule=wrap, requires=REQUIRES,
                   description=description or name)

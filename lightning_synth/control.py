@@ -170,8 +170,8 @@ class SynthesisSettings(BaseModel):
     synthetic_weight: SyntheticWeight | None = None
     generator_mix: GeneratorMix = Field(default_factory=dict)
     pinned_profile: PinnedProfile | None = None
-    sampler_temperature: Temperature = 1.0
-    sampler_uniform_mix: UniformMix = 0.3  # AdaptiveSampler's default
+    sampler_temperature: Temperature = 2.0  # AdaptiveSampler's defaults
+    sampler_uniform_mix: UniformMix = 0.2
 
     _mix = field_validator("generator_mix")(_check_mix)
     _profile = field_validator("pinned_profile")(_check_profile)

@@ -56,7 +56,7 @@ class SyntheticDataModule(L.LightningDataModule):
         min_synthetic_weight: lower bound of the synthetic weight.
         max_synthetic_weight: upper bound of the synthetic weight.
         plateau_patience: epochs without progress on synthetic data before the weight is lowered.
-        sampler_temperature: temperature of the adaptive sampler.
+        sampler_temperature: temperature of the adaptive sampler (``1e6`` makes it uniform).
         sampler_uniform_mix: share of sampler mass spread uniformly.
         batch_adapter: how to read your samples (see :class:`~lightning_synth.batch.BatchAdapter`).
         seed: seed of generation and sampling.
@@ -93,8 +93,8 @@ class SyntheticDataModule(L.LightningDataModule):
         min_synthetic_weight: float = 0.1,
         max_synthetic_weight: float = 2.0,
         plateau_patience: int = 2,
-        sampler_temperature: float = 1.0,
-        sampler_uniform_mix: float = 0.3,
+        sampler_temperature: float = 2.0,
+        sampler_uniform_mix: float = 0.2,
         batch_adapter: BatchAdapter | Callable[[Any], Any] | None = None,
         seed: int = 0,
         serve_api: bool = False,
