@@ -56,7 +56,8 @@ def lightning_synth_method(
         )
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
-        return [FailureModeCallback(max_samples=256, seed=ctx.seed), AdaptiveSampling(seed=ctx.seed)]
+        groups = int(ctx.extras.get("num_groups", 64))  # the worst-group task has 100 (class, colour) groups
+        return [FailureModeCallback(max_samples=256, seed=ctx.seed, max_groups=groups), AdaptiveSampling(seed=ctx.seed)]
 
     return Method(name, make_callbacks=callbacks, wrap_datamodule=wrap, requires=REQUIRES,
                   description=description or name)
