@@ -3,10 +3,20 @@
 A category is ``"clean"`` or the name of a perturbation in the shared bank. While training, each real
 image gets a random category and severity; a perturbed category means the real image is perturbed with
 that bank operation before the discriminator sees it, so ``G(z, class, category, severity)`` learns to
-draw images of the class that *show* the perturbation. The discriminator is a projection discriminator
-(class, category and severity projections) with an auxiliary head that predicts class and category (as in
-AC-GAN, trained on real images only), which keeps samples class-consistent. An optional task-adversarial
-term pushes samples toward what a task model gets wrong, without flipping their label.
+draw images of the class that *show* the perturbation.
+
+- Generator: upsample + 3x3 convolutions with conditional batch norm (gains and biases from the class and
+  category embeddings), sigmoid output in [0, 1].
+- Discriminator: spectrally normalised convolutions; a projection head (class, category and severity)
+  gives the realism logit, and an auxiliary head predicts class and category (as in AC-GAN, trained on
+  real images only), which keeps samples class-consistent.
+- A mode-seeking term (MSGAN) keeps samples of one condition diverse: without it the generator learns to
+  ignore its noise and draws one image per class.
+- Negative data augmentation (NDA, Sinha et al. 2021): the discriminator also sees junk (uniform noise,
+  pixel-shuffled real images, black and flat images) as fake, so that :meth:`ConditionalGAN.realism` rejects junk
+  that the generator never happened to draw, and is usable as a quality filter.
+- An optional task-adversarial term pushes samples toward what a task model gets wrong, without flipping
+  their label.
 """
 
 from __future__ import annotations
@@ -28,14 +38,32 @@ from typing_extensions import override
 from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
 from lightning_synth.perturbations import PerturbationBank, default_bank, registered_perturbations
 
-__all__ = ["CLEAN", "ConditionalGAN"]
+__all__ = ["CLEAN", "ConditionalGAN", "make_junk", "margin_hinge", "mode_seeking_loss"]
 
 CLEAN = "clean"
 """The category of unperturbed images."""
 
 
+class _ConditionalBatchNorm(nn.Module):
+    """Batch norm whose per-channel gain and bias come from the condition vector."""
+
+    def __init__(self, channels: int, condition_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Linear(condition_dim, channels)
+        self.bias = nn.Linear(condition_dim, channels)
+        nn.init.zeros_(self.gain.weight)
+        nn.init.zeros_(self.gain.bias)
+
+    def forward(self, x: Tensor, condition: Tensor) -> Tensor:
+        gain, bias = 1 + self.gain(condition), self.bias(condition)
+        return self.norm(x) * gain[:, :, None, None] + bias[:, :, None, None]
+
+
 class _Generator(nn.Module):
-    """``(z, class, category, severity code)`` -> image in [0, 1]; two stride-2 up-convolutions."""
+    """``(z, class, category, severity code)`` -> image in [0, 1]: two 2x upsamplings, each followed by a
+    3x3 convolution (no checkerboard artefacts of strided transposed convolutions), with the condition
+    fed both to the input and to class-conditional batch norms."""
 
     def __init__(
         self, latent_dim: int, num_classes: int, num_categories: int, image_size: int, channels: int, width: int
@@ -46,31 +74,38 @@ class _Generator(nn.Module):
         self.category_embed = nn.Embedding(num_categories, latent_dim)
         self.severity_embed = nn.Embedding(num_categories, latent_dim)
         self.project = nn.Linear(3 * latent_dim, 2 * width * self.start**2)
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.ConvTranspose2d(width, channels, 4, 2, 1),
-        )
+        self.norm1 = _ConditionalBatchNorm(2 * width, 2 * latent_dim)
+        self.conv1 = nn.Conv2d(2 * width, width, 3, 1, 1)
+        self.norm2 = _ConditionalBatchNorm(width, 2 * latent_dim)
+        self.conv2 = nn.Conv2d(width, channels, 3, 1, 1)
 
     def forward(self, z: Tensor, classes: Tensor, categories: Tensor, codes: Tensor) -> Tensor:
-        condition = self.category_embed(categories) + codes[:, None] * self.severity_embed(categories)
-        h = self.project(torch.cat([z, self.class_embed(classes), condition], 1))
-        out = self.body(h.view(-1, 2 * self.width, self.start, self.start))
+        category = self.category_embed(categories) + codes[:, None] * self.severity_embed(categories)
+        condition = torch.cat([self.class_embed(classes), category], 1)
+        h = self.project(torch.cat([z, condition], 1)).view(-1, 2 * self.width, self.start, self.start)
+        h = self.conv1(F.interpolate(F.relu(self.norm1(h, condition)), scale_factor=2.0))
+        out = self.conv2(F.interpolate(F.relu(self.norm2(h, condition)), scale_factor=2.0))
         off = (out.shape[-1] - self.image_size) // 2  # 4 * ceil(size / 4) may overshoot by up to 3 pixels
         return torch.sigmoid(out[..., off : off + self.image_size, off : off + self.image_size])
 
 
 class _Discriminator(nn.Module):
-    """Projection discriminator: realism logit ``(B,)`` and auxiliary class+category logits."""
+    """Projection discriminator: realism logit ``(B,)`` and auxiliary class+category logits.
 
-    def __init__(self, num_classes: int, num_categories: int, channels: int, width: int) -> None:
+    The last feature map is flattened into a linear layer rather than averaged over positions: an average
+    is a bag of local patches, and a blank image is made of nothing but realistic background patches.
+    """
+
+    def __init__(self, num_classes: int, num_categories: int, image_size: int, channels: int, width: int) -> None:
         super().__init__()
+        dim = 4 * width
+        side = (image_size // 2) // 2  # after two stride-2 4x4 convolutions with padding 1
         self.features = nn.Sequential(
             spectral_norm(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2),
             spectral_norm(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
-            spectral_norm(nn.Conv2d(2 * width, 4 * width, 3, 1, 1)), nn.LeakyReLU(0.2),
+            spectral_norm(nn.Conv2d(2 * width, dim, 3, 1, 1)), nn.LeakyReLU(0.2), nn.Flatten(),
+            spectral_norm(nn.Linear(dim * side * side, dim)), nn.LeakyReLU(0.2),
         )
-        dim = 4 * width
         self.realness = spectral_norm(nn.Linear(dim, 1))
         self.class_embed = spectral_norm(nn.Embedding(num_classes, dim))
         self.category_embed = spectral_norm(nn.Embedding(num_categories, dim))
@@ -78,7 +113,7 @@ class _Discriminator(nn.Module):
         self.aux = nn.Linear(dim, num_classes + num_categories)
 
     def forward(self, images: Tensor, classes: Tensor, categories: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.features(images * 2 - 1).mean(dim=(2, 3))
+        h = self.features(images * 2 - 1)
         projection = (
             self.class_embed(classes) + self.category_embed(categories)
             + codes[:, None] * self.severity_embed(categories)
@@ -96,6 +131,20 @@ def mode_seeking_loss(images: Tensor, z: Tensor) -> Tensor:
     image_gap = (images[:m] - images[half : half + m]).abs().mean()
     z_gap = (z[:m] - z[half : half + m]).abs().mean()
     return 1.0 / (image_gap / z_gap.clamp(min=1e-8) + 1e-5) if m > 0 else images.sum() * 0.0
+
+
+def make_junk(images: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` junk images like ``images`` ``(B, C, H, W)``, in turn: uniform noise, a real image with its pixels
+    shuffled, a black (empty) image and a flat image of random brightness. At most ``B`` (the images to
+    shuffle)."""
+    n = min(n, len(images))
+    kind = (torch.arange(n) % 4).view(-1, 1, 1, 1)
+    noise = torch.rand((n, *images.shape[1:]), generator=generator)
+    order = torch.argsort(torch.rand(n, images[0].numel(), generator=generator), dim=1)
+    shuffled = torch.gather(images[:n].flatten(1).cpu(), 1, order).view_as(noise)
+    flat = torch.rand(n, 1, 1, 1, generator=generator).expand_as(noise) * (kind == 3)  # black when kind == 2
+    junk = torch.where(kind == 0, noise, torch.where(kind == 1, shuffled, flat))
+    return junk.to(images.device, images.dtype)
 
 
 def margin_hinge(logits: Tensor, targets: Tensor, floor: float) -> Tensor:
@@ -124,9 +173,11 @@ class ConditionalGAN(L.LightningModule):
         betas: Adam betas.
         aux_weight: weight of the auxiliary class/category loss (0 turns the AC-GAN head off).
         diversity_weight: weight of the mode-seeking term that keeps samples of one condition diverse.
+        junk_fraction: junk images shown to the discriminator as fake per real image (0 turns it off).
         adversarial_weight: weight of the task-adversarial term (0: off); needs :meth:`set_task_model`.
-        adversarial_margin: the task model's margin the adversarial term stops at (>= 0, so labels do
-            not flip).
+        adversarial_margin: the task model's logit margin (true class minus best other) at which the
+            adversarial term stops, so that labels do not flip. It holds for training batches; samples
+            scatter around it, so leave headroom (margin 1 flipped many Fashion-MNIST samples, 3 did not).
         batch_adapter: how to read ``(images, labels)`` from a batch (default: tuples, lists, dicts).
 
     Raises:
@@ -155,12 +206,13 @@ class ConditionalGAN(L.LightningModule):
         image_size: int = 28,
         channels: int = 1,
         width: int = 32,
-        lr: float = 2e-4,
+        lr: float = 5e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         aux_weight: float = 1.0,
-        diversity_weight: float = 1.0,
+        diversity_weight: float = 0.03,
+        junk_fraction: float = 0.25,
         adversarial_weight: float = 0.0,
-        adversarial_margin: float = 1.0,
+        adversarial_margin: float = 3.0,
         batch_adapter: BatchAdapter | Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
@@ -178,6 +230,7 @@ class ConditionalGAN(L.LightningModule):
             raise ValueError(f"`betas` must both be in [0, 1), got {tuple(betas)}")
         _check_float("aux_weight", aux_weight, 0.0)
         _check_float("diversity_weight", diversity_weight, 0.0)
+        _check_float("junk_fraction", junk_fraction, 0.0)
         _check_float("adversarial_weight", adversarial_weight, 0.0)
         _check_float("adversarial_margin", adversarial_margin, 0.0)
         self.save_hyperparameters(ignore=["batch_adapter"])
@@ -188,11 +241,15 @@ class ConditionalGAN(L.LightningModule):
         self.lr, self.betas = float(lr), (float(betas[0]), float(betas[1]))
         self.aux_weight, self.adversarial_weight = float(aux_weight), float(adversarial_weight)
         self.adversarial_margin, self.diversity_weight = float(adversarial_margin), float(diversity_weight)
+        self.junk_fraction = float(junk_fraction)
         self.batch_adapter = resolve_batch_adapter(batch_adapter)
         self.bank = PerturbationBank([c for c in self.categories if c != CLEAN])
         self.clean_index = self.categories.index(CLEAN)
+        top = [0.0 if c == CLEAN else float(self.bank[c].max_severity) for c in self.categories]
+        self._top_severity: Tensor
+        self.register_buffer("_top_severity", torch.tensor(top), persistent=False)
         self.generator = _Generator(latent_dim, num_classes, len(self.categories), image_size, channels, width)
-        self.discriminator = _Discriminator(num_classes, len(self.categories), channels, width)
+        self.discriminator = _Discriminator(num_classes, len(self.categories), image_size, channels, width)
         # The task model is held outside the module tree: it is not ours to save, move, or wrap in DDP.
         self._task_model: tuple[nn.Module, ...] = ()
 
@@ -215,7 +272,7 @@ class ConditionalGAN(L.LightningModule):
 
     def max_severity(self, category: int) -> float:
         """Top severity of a category's perturbation (0 for ``"clean"``)."""
-        return 0.0 if category == self.clean_index else float(self.bank[self.categories[category]].max_severity)
+        return float(self._top_severity[category])
 
     @override
     def forward(self, z: Tensor, classes: Tensor, categories: Tensor, severities: Tensor) -> Tensor:
@@ -259,6 +316,28 @@ class ConditionalGAN(L.LightningModule):
         with _eval_mode(self.discriminator):
             logits, _ = self.discriminator(images.to(self.device), classes, categories, self._codes(categories, sev))
         return torch.sigmoid(logits)
+
+    def perturb_randomly(
+        self, images: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """What the discriminator is shown as real: each image under a random category and severity.
+
+        Categories are uniform; a perturbation's severity is uniform in ``[1, its max severity]``.
+
+        Returns:
+            ``(perturbed images, categories (N,), severities (N,))``, severity 0 for ``"clean"``.
+        """
+        n = len(images)
+        categories = torch.randint(len(self.categories), (n,), generator=generator)
+        top = self._top_severity.cpu()[categories]
+        severities = 1.0 + torch.rand(n, generator=generator) * (top - 1.0).clamp(min=0.0)
+        severities = torch.where(categories == self.clean_index, 0.0, severities)
+        out = images.clone()
+        for k, name in enumerate(self.categories):
+            mask = (categories == k).to(images.device)
+            if k != self.clean_index and bool(mask.any()):
+                out[mask] = self.bank[name](images[mask], severities[mask.cpu()], generator).to(out.dtype)
+        return out, categories.to(images.device), severities.to(images.device)
 
     def fit_steps(
         self,
@@ -316,9 +395,8 @@ class ConditionalGAN(L.LightningModule):
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         opt_d, opt_g = optimizers
-        categories, severities = self._draw_conditions(len(labels), generator)
+        real, categories, severities = self.perturb_randomly(images, generator)
         codes = self._codes(categories, severities)
-        real = self._perturb(images, categories, severities, generator)
         # Fakes come in pairs (i, i + half) that share their conditions, for the mode-seeking term.
         pair = torch.arange(len(labels), device=self.device) % ((len(labels) + 1) // 2)
         conditions = (labels[pair], categories[pair], codes[pair])
@@ -329,9 +407,12 @@ class ConditionalGAN(L.LightningModule):
 
         real_logit, real_aux = self.discriminator(real, labels, categories, codes)
         fake_logit, _ = self.discriminator(fake if full_graph else fake.detach(), *conditions)
+        junk = make_junk(images, math.ceil(self.junk_fraction * len(labels)), generator)
+        junk_logit, _ = self.discriminator(junk, labels[: len(junk)], categories[: len(junk)], codes[: len(junk)])
         loss_d = (
             F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
-            + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
+            + F.binary_cross_entropy_with_logits(torch.cat([fake_logit, junk_logit]),
+                                                 torch.zeros(len(fake_logit) + len(junk_logit), device=self.device))
             + self.aux_weight * self._aux_loss(real_aux, labels, categories)
         )
         opt_d.zero_grad()
@@ -376,26 +457,8 @@ class ConditionalGAN(L.LightningModule):
         num_classes = self.num_classes
         return F.cross_entropy(aux[:, :num_classes], labels) + F.cross_entropy(aux[:, num_classes:], categories)
 
-    def _draw_conditions(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        categories = torch.randint(len(self.categories), (n,), generator=generator)
-        top = torch.tensor([self.max_severity(k) for k in range(len(self.categories))])[categories]
-        severities = 1.0 + torch.rand(n, generator=generator) * (top - 1.0).clamp(min=0.0)
-        severities = torch.where(categories == self.clean_index, 0.0, severities)
-        return categories.to(self.device), severities.to(self.device)
-
-    def _perturb(
-        self, images: Tensor, categories: Tensor, severities: Tensor, generator: torch.Generator | None
-    ) -> Tensor:
-        out = images.clone()
-        for k, name in enumerate(self.categories):
-            mask = categories == k
-            if k != self.clean_index and bool(mask.any()):
-                out[mask] = self.bank[name](images[mask], severities[mask].cpu(), generator).to(out.dtype)
-        return out
-
     def _severities(self, categories: Tensor, severities: float | Tensor | None) -> Tensor:
-        top = torch.tensor([self.max_severity(k) for k in range(len(self.categories))], device=self.device)
-        top = top[categories]
+        top = self._top_severity[categories]
         if severities is None:
             sev = (1.0 + top) / 2
         else:
@@ -405,8 +468,7 @@ class ConditionalGAN(L.LightningModule):
         return torch.where(categories == self.clean_index, 0.0, sev)
 
     def _codes(self, categories: Tensor, severities: Tensor) -> Tensor:
-        top = torch.tensor([max(self.max_severity(k), 1.0) for k in range(len(self.categories))])
-        return severities.float() / top.to(severities.device)[categories]
+        return severities.float() / self._top_severity.to(severities.device)[categories].clamp(min=1.0)
 
     def _check_conditions(self, classes: Tensor, categories: Tensor) -> tuple[Tensor, Tensor]:
         for name, value, limit in (("classes", classes, self.num_classes),

@@ -28,7 +28,8 @@ _CHUNK = 1024
 
 @dataclass(frozen=True)
 class _Target:
-    """What one kind of sample is aimed at: a fixed class (or ``None``: uniform), a category, a severity."""
+    """What one kind of sample is aimed at: a weakness key (``""``: none, the key becomes ``class/<c>``), a
+    fixed class (``None``: uniform), a category and a severity."""
 
     key: str
     weight: float
@@ -77,11 +78,11 @@ class ConditionalGANGenerator(SyntheticGenerator):
     ) -> None:
         if not isinstance(gan, ConditionalGAN):
             raise TypeError(f"`gan` must be a ConditionalGAN, got {type(gan).__name__}")
-        for name, value, low, high in (("min_quality", min_quality, 0.0, 1.0), ("oversample", oversample, 1.0, None)):
+        for name, value, low, high in (("min_quality", min_quality, 0.0, 1.0), ("oversample", oversample, 1.0, 1e6)):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"`{name}` must be a float, got {type(value).__name__}: {value!r}")
-            if not (low <= value and (high is None or value <= high)) or not math.isfinite(value):
-                raise ValueError(f"`{name}` must be in [{low}, {high if high is not None else 'inf'}), got {value}")
+            if not low <= value <= high:  # also false for NaN
+                raise ValueError(f"`{name}` must be in [{low:g}, {high:g}], got {value}")
         for name, value, low in (("max_rounds", max_rounds, 1), ("train_steps", train_steps, 0),
                                  ("batch_size", batch_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -107,7 +108,7 @@ class ConditionalGANGenerator(SyntheticGenerator):
             self._train(context)
         if budget == 0:
             return SyntheticBatch.empty(self.name, self._empty_images())
-        targets = self.plan(profile)
+        targets = self._plan(profile) or [_Target("", 1.0, self.gan.clean_index)]  # none: clean, any class
         inputs, labels, quality = [], [], []
         keys: list[str] = []
         kept, pass_rate = 0, 1.0
@@ -126,7 +127,18 @@ class ConditionalGANGenerator(SyntheticGenerator):
                 break
         return SyntheticBatch(torch.cat(inputs), torch.cat(labels), keys, torch.cat(quality), self.name)
 
-    def plan(self, profile: WeaknessProfile) -> list[_Target]:
+    def state_dict(self) -> dict[str, Any]:
+        opts = self._optimizers
+        optimizer_state = [o.state_dict() for o in opts] if opts is not None else self._pending_optimizer_state
+        return {"gan": self.gan.state_dict(), "optimizers": optimizer_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.gan.load_state_dict(state_dict["gan"])
+        self._optimizers = None
+        self._pending_optimizer_state = state_dict.get("optimizers")
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _plan(self, profile: WeaknessProfile) -> list[_Target]:
         """The weaknesses this generator can target, with their sampling weights (the positive gaps)."""
         num_classes = self.gan.num_classes
         targets = []
@@ -140,17 +152,6 @@ class ConditionalGANGenerator(SyntheticGenerator):
                                        severity=self._severity(w)))
         return targets
 
-    def state_dict(self) -> dict[str, Any]:
-        opts = self._optimizers
-        optimizer_state = [o.state_dict() for o in opts] if opts is not None else self._pending_optimizer_state
-        return {"gan": self.gan.state_dict(), "optimizers": optimizer_state}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.gan.load_state_dict(state_dict["gan"])
-        self._optimizers = None
-        self._pending_optimizer_state = state_dict.get("optimizers")
-
-    # ---------------------------------------------------------------------------------------- internals
     def _train(self, context: GenerationContext) -> None:
         if context.task_model is not None:
             self.gan.set_task_model(context.task_model)
@@ -175,25 +176,19 @@ class ConditionalGANGenerator(SyntheticGenerator):
     def _draw(
         self, targets: list[_Target], n: int, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, list[str], Tensor]:
-        num_classes = self.gan.num_classes
-        if targets:
-            weights = torch.tensor([t.weight for t in targets], dtype=torch.float64)
-            which = torch.multinomial(weights, n, replacement=True, generator=generator)
-        else:
-            which = torch.zeros(n, dtype=torch.long)
-        uniform = torch.randint(num_classes, (n,), generator=generator)
-        picked = [targets[i] for i in which.tolist()] if targets else [None] * n
-        classes = torch.tensor([t.cls if t is not None and t.cls is not None else int(u)
-                                for t, u in zip(picked, uniform.tolist())], dtype=torch.long)
-        categories = torch.tensor([t.category if t is not None else self.gan.clean_index for t in picked])
-        severities = torch.tensor([t.severity if t is not None else 0.0 for t in picked])
-        keys = [t.key if t is not None else f"class/{c}" for t, c in zip(picked, classes.tolist())]
+        weights = torch.tensor([t.weight for t in targets], dtype=torch.float64)
+        picked = [targets[i] for i in torch.multinomial(weights, n, replacement=True, generator=generator).tolist()]
+        uniform = torch.randint(self.gan.num_classes, (n,), generator=generator).tolist()
+        classes = torch.tensor([u if t.cls is None else t.cls for t, u in zip(picked, uniform)], dtype=torch.long)
+        categories = torch.tensor([t.category for t in picked])
+        severities = torch.tensor([t.severity for t in picked])
+        keys = [t.key or f"class/{c}" for t, c in zip(picked, classes.tolist())]
         images, scores = [], []
         for part in torch.arange(n).split(_CHUNK):  # bounded memory whatever the budget
             c, k, s = classes[part], categories[part], severities[part]
-            images.append(self.gan.sample(c, k, generator=generator, severities=s))
-            scores.append(self.gan.realism(images[-1], c, k, s).cpu())
-            images[-1] = images[-1].cpu()
+            x = self.gan.sample(c, k, generator=generator, severities=s)
+            scores.append(self.gan.realism(x, c, k, s).cpu())
+            images.append(x.cpu())
         return torch.cat(images), classes, keys, torch.cat(scores)
 
     def _severity(self, weakness: Weakness) -> float:
