@@ -215,6 +215,7 @@ class _Tiny(L.LightningModule):
 def test_clients_hammering_the_api_do_not_disturb_training(tmp_path: Any) -> None:
     controller = SynthesisController()
     callback, stop, codes, accepted = _SyncAtEpochStart(controller), threading.Event(), list[int](), [0]
+    first_accepted = threading.Event()  # fit starts once the client is in, so epoch 1 sees a change
 
     def hammer(url: str, headers: dict[str, str]) -> None:
         with httpx.Client(base_url=url, headers=headers, timeout=5.0) as http:
@@ -223,6 +224,8 @@ def test_clients_hammering_the_api_do_not_disturb_training(tmp_path: Any) -> Non
                 budget += 1
                 codes.append(http.patch("/settings", json={"synthetic_budget": budget}).status_code)
                 accepted[0] = budget if codes[-1] == 202 else accepted[0]
+                if accepted[0]:
+                    first_accepted.set()
                 codes.append(http.get("/status").status_code)
                 codes.append(http.patch("/settings", json={"synthetic_budget": -1}).status_code)
 
@@ -236,6 +239,7 @@ def test_clients_hammering_the_api_do_not_disturb_training(tmp_path: Any) -> Non
         client_thread = threading.Thread(target=hammer, args=(running.url, running.headers))
         client_thread.start()
         try:
+            assert first_accepted.wait(30)
             trainer.fit(_Tiny(), loader)
         finally:
             stop.set()
