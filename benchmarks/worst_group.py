@@ -19,13 +19,16 @@ Methods (same network, optimizer, batch size and optimizer steps as in :mod:`ben
 - whatever else is registered for the ``worst_group`` task: ``ctx.extras`` gives the group layout and a
   ``recolour`` scenario function (see :func:`task_extras`).
 
-Reports average and worst-group test accuracy (mean ± std over seeds); writes
+Reports average and worst-group test accuracy, and the mean of the worst 10% of groups (mean ± std over
+seeds: with 100 small groups the single worst one is often 0 for every method); writes
 ``<results-dir>/worst_group.json`` and ``<results-dir>/worst_group.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -65,6 +68,8 @@ from lightning_synth.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from lightning_synth.generators.base import GenerationContext
 
 TASK = "worst_group"
+# Every (method, seed) run builds a fresh datamodule; decoding the IDX files once per process is enough.
+_load_fashion_mnist = functools.lru_cache(maxsize=2)(load_fashion_mnist)
 NUM_COLOURS = 10
 COLOUR_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "magenta", "white", "pink")
 # Every colour has a channel at exactly 1, so the grey image is recovered as the max over channels.
@@ -244,13 +249,13 @@ class ColouredFashionMNISTDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         g = torch.Generator().manual_seed(self.seed)
-        images, labels = load_fashion_mnist("train")
+        images, labels = _load_fashion_mnist("train")
         grey = images.mul(255).round().to(torch.uint8)
         order = torch.randperm(len(labels), generator=g)
         val, train = order[: self.val_size], order[self.val_size :][: self.train_size]
         self.train_set = self._tinted(grey[train], labels[train], self.train_agreement, g)
         self.val_set = self._tinted(grey[val], labels[val], None, g)
-        test_images, test_labels = load_fashion_mnist("test")
+        test_images, test_labels = _load_fashion_mnist("test")
         keep = torch.randperm(len(test_labels), generator=g)[: self.test_size]
         self.test_set = self._tinted(test_images.mul(255).round().to(torch.uint8)[keep], test_labels[keep], None, g)
 
@@ -393,14 +398,20 @@ def task_extras() -> dict[str, Any]:
 
 
 def group_accuracy(model: Classifier, dataset: TintedDataset) -> dict[str, Any]:
-    """Average accuracy, per-group accuracy (groups present only) and the worst group."""
+    """Average accuracy, per-group accuracy (groups present only), the worst group and the worst decile.
+
+    With 100 small groups the single worst group often sits at 0 for every method; ``worst_decile`` (mean
+    accuracy of the worst 10% of groups) and ``mean_group`` still separate methods.
+    """
     correct = (dataset.predict(model) == dataset.labels).float()
     per_group = {int(g): float(correct[dataset.groups == g].mean()) for g in dataset.groups.unique()}
     worst = min(per_group, key=per_group.__getitem__)
+    ranked = sorted(per_group.values())
     return {
         "average": float(correct.mean()),
         "worst_group": per_group[worst],
         "worst_group_name": LAYOUT.name(worst),
+        "worst_decile": statistics.fmean(ranked[: max(1, math.ceil(len(ranked) / 10))]),
         "mean_group": statistics.fmean(per_group.values()),
         "groups_evaluated": len(per_group),
         "per_group": {LAYOUT.name(g): acc for g, acc in per_group.items()},
@@ -464,12 +475,13 @@ def plot(path: Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
     plt = pyplot()
     methods = list(summary)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(methods) + 2), 4))
-    for i, (key, label) in enumerate([("average", "average"), ("worst_group", "worst group")]):
-        xs = [j + (i - 0.5) * 0.38 for j in range(len(methods))]
+    metrics = [("average", "average"), ("worst_decile", "worst 10% of groups"), ("worst_group", "worst group")]
+    for i, (key, label) in enumerate(metrics):
+        xs = [j + (i - 1) * 0.27 for j in range(len(methods))]
         ax.bar(
             xs,
             [100 * summary[m][key]["mean"] for m in methods],
-            0.38,
+            0.27,
             yerr=[100 * summary[m][key]["std"] for m in methods],
             capsize=3,
             label=label,
@@ -517,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = {
         name: {
             key: summarize([r[key] for r in per_seed.values()])
-            for key in ("average", "worst_group", "mean_group", "train_seconds", "train_cpu_seconds")
+            for key in ("average", "worst_group", "worst_decile", "mean_group", "train_seconds", "train_cpu_seconds")
         }
         | {"val_worst_group": summarize([r["val"]["worst_group"] for r in per_seed.values()])}
         for name, per_seed in runs.items()
@@ -527,13 +539,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             name,
             pm(s["average"]),
             pm(s["worst_group"]),
+            pm(s["worst_decile"]),
             pm(s["val_worst_group"]),
             f"{s['train_seconds']['mean']:.0f}",
             f"{s['train_cpu_seconds']['mean']:.0f}",
         ]
         for name, s in summary.items()
     ]
-    print(format_table(["method", "average %", "worst group %", "val worst group %", "train s", "train cpu s"], rows))
+    headers = ["method", "average %", "worst group %", "worst 10% groups %", "val worst group %", "train s", "cpu s"]
+    print(format_table(headers, rows))
     payload = {
         "benchmark": TASK,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
