@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassRec
 from torchmetrics.wrappers import ClasswiseWrapper
 from typing_extensions import override
 
+from lightning_synth._validation import check_int
 from lightning_synth.analysis import GroupAccuracy, ProbeAccuracy, build_profile
 from lightning_synth.batch import BatchAdapter, BatchView, resolve_batch_adapter
 from lightning_synth.logging import log_table, write_json_artifact
@@ -106,11 +107,11 @@ class FailureModeCallback(Callback):
     ) -> None:
         super().__init__()
         self.bank = PerturbationBank(perturbations)
-        _check_int("max_samples", max_samples, 0)
-        _check_int("every_n_epochs", every_n_epochs, 1)
-        _check_int("top_k_confusions", top_k_confusions, 0)
-        _check_int("min_support", min_support, 1)
-        _check_int("max_groups", max_groups, 1)
+        check_int("max_samples", max_samples, 0)
+        check_int("every_n_epochs", every_n_epochs, 1)
+        check_int("top_k_confusions", top_k_confusions, 0)
+        check_int("min_support", min_support, 1)
+        check_int("max_groups", max_groups, 1)
         if isinstance(severities, (str, int)) or not severities:
             raise ValueError(f"`severities` must be a non-empty sequence of levels 1..5, got {severities!r}")
         ladder_top = min(p.max_severity for p in self.bank)
@@ -390,13 +391,6 @@ class FailureModeCallback(Callback):
             write_json_artifact(trainer, f"profile_epoch{profile.epoch}.json", profile.to_json(indent=2))
         if self.verbose:
             rank_zero_info(profile.format())
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
 
 
 def _has_val_loop(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:

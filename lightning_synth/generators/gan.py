@@ -35,6 +35,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from torch.optim import Adam, Optimizer
 from typing_extensions import override
 
+from lightning_synth._validation import check_int
 from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
 from lightning_synth.perturbations import PerturbationBank, default_bank, registered_perturbations
 
@@ -217,11 +218,11 @@ class ConditionalGAN(L.LightningModule):
     ) -> None:
         super().__init__()
         categories = [CLEAN, *default_bank().names] if categories is None else categories
-        _check_int("latent_dim", latent_dim, 1)
-        _check_int("num_classes", num_classes, 2)
-        _check_int("image_size", image_size, 4)
-        _check_int("channels", channels, 1)
-        _check_int("width", width, 1)
+        check_int("latent_dim", latent_dim, 1)
+        check_int("num_classes", num_classes, 2)
+        check_int("image_size", image_size, 4)
+        check_int("channels", channels, 1)
+        check_int("width", width, 1)
         self.categories: list[str] = _check_categories(categories)
         _check_float("lr", lr, 0.0, inclusive=False)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) for b in betas)):
@@ -356,8 +357,8 @@ class ConditionalGAN(L.LightningModule):
         Returns:
             The ``[discriminator, generator]`` optimizers (pass them back in to keep Adam's state).
         """
-        _check_int("steps", steps, 0)
-        _check_int("batch_size", batch_size, 1)
+        check_int("steps", steps, 0)
+        check_int("batch_size", batch_size, 1)
         self._check_images(images, len(labels))
         opts = list(optimizers) if optimizers is not None else self.configure_optimizers()
         was_training = self.training
@@ -519,13 +520,6 @@ def _describe(value: object) -> str:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int, got {_describe(value)}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
 
 
 def _check_float(name: str, value: object, minimum: float, inclusive: bool = True) -> None:
