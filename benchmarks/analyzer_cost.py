@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -39,7 +38,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.common import RESULTS_DIR, format_table, quiet_lightning, write_json
+from benchmarks.common import RESULTS_DIR, format_table, machine_info, quiet_lightning, write_json
 from lightning_synth.callbacks.failure_mode import FailureModeCallback
 from lightning_synth.datasets import FashionMNISTDataModule
 from lightning_synth.demos import ImageClassifier
@@ -78,19 +77,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.threads < 0:
         raise ValueError(f"`--threads` must be >= 0, got {args.threads}")
     return args
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_default_threads": torch.get_num_threads(),
-        "lightning": L.__version__,
-    }
 
 
 def make_callbacks(setting: str) -> list[FailureModeCallback]:

@@ -39,6 +39,8 @@ import importlib
 import json
 import logging
 import math
+import os
+import platform
 import statistics
 import time
 import warnings
@@ -70,10 +72,12 @@ __all__ = [
     "build_method",
     "check_common_args",
     "classifier_factory",
+    "context_from_args",
     "export_torchscript",
     "fit",
     "format_table",
     "load_plugins",
+    "machine_info",
     "method_names",
     "predict",
     "quiet_lightning",
@@ -484,6 +488,34 @@ register_method(
         description="uniformly random op and level 1..5 of the library's bank, per sample",
     )
 )
+
+
+def context_from_args(
+    args: argparse.Namespace, task: str, seed: int, train_size: int, root_dir: Path, in_channels: int,
+    extras: Mapping[str, Any] | None = None,
+) -> MethodContext:
+    """The :class:`MethodContext` of one (method, seed) run of a 28x28, 10-class task, from the shared flags."""
+    steps_per_epoch, max_steps = budget(train_size, args.batch_size, args.epochs)
+    return MethodContext(
+        task=task, seed=seed, in_channels=in_channels, num_classes=10, image_size=(28, 28),
+        batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps, train_size=train_size, root_dir=root_dir, accelerator=args.accelerator,
+        width=args.width, extras=dict(extras or {}),
+    )
+
+
+def machine_info() -> dict[str, Any]:
+    """Facts about the machine a benchmark ran on, for its results file."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_default_threads": torch.get_num_threads(),
+        "lightning": L.__version__,
+    }
 
 
 def budget(train_size: int, batch_size: int, epochs: int) -> tuple[int, int]:

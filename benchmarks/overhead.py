@@ -45,7 +45,6 @@ import functools
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -63,7 +62,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.common import RESULTS_DIR, format_table, pyplot, quiet_lightning, write_json
+from benchmarks.common import RESULTS_DIR, format_table, machine_info, pyplot, quiet_lightning, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "plain"
@@ -318,19 +317,6 @@ def check(result: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_default_threads": torch.get_num_threads(),
-        "lightning": L.__version__,
-    }
-
-
 def worker_argv(args: argparse.Namespace) -> list[str]:
     return ["--train-size", str(args.train_size), "--val-size", str(args.val_size), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--gan-steps", str(args.gan_steps), "--threads", str(args.threads),

@@ -30,8 +30,8 @@ from benchmarks.common import (
     Classifier,
     MethodContext,
     add_common_arguments,
-    budget,
     check_common_args,
+    context_from_args,
     export_torchscript,
     format_table,
     pm,
@@ -113,23 +113,7 @@ def summarize_method(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def make_context(args: argparse.Namespace, seed: int, train_size: int, root_dir: Path) -> MethodContext:
-    steps_per_epoch, max_steps = budget(train_size, args.batch_size, args.epochs)
-    return MethodContext(
-        task=TASK,
-        seed=seed,
-        in_channels=1,
-        num_classes=10,
-        image_size=(28, 28),
-        batch_size=args.batch_size,
-        lr=args.lr,
-        epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch,
-        max_steps=max_steps,
-        train_size=train_size,
-        root_dir=root_dir,
-        accelerator=args.accelerator,
-        width=args.width,
-    )
+    return context_from_args(args, TASK, seed, train_size, root_dir, in_channels=1)
 
 
 def make_datamodule(args: argparse.Namespace) -> FashionMNISTDataModule:

@@ -47,9 +47,9 @@ from benchmarks.common import (
     Method,
     MethodContext,
     add_common_arguments,
-    budget,
     check_common_args,
     classifier_factory,
+    context_from_args,
     export_torchscript,
     fit,
     format_table,
@@ -451,24 +451,7 @@ def make_datamodule(args: argparse.Namespace) -> ColouredFashionMNISTDataModule:
 
 
 def make_context(args: argparse.Namespace, seed: int, train_size: int, root_dir: Path) -> MethodContext:
-    steps_per_epoch, max_steps = budget(train_size, args.batch_size, args.epochs)
-    return MethodContext(
-        task=TASK,
-        seed=seed,
-        in_channels=3,
-        num_classes=10,
-        image_size=(28, 28),
-        batch_size=args.batch_size,
-        lr=args.lr,
-        epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch,
-        max_steps=max_steps,
-        train_size=train_size,
-        root_dir=root_dir,
-        accelerator=args.accelerator,
-        width=args.width,
-        extras=task_extras(),
-    )
+    return context_from_args(args, TASK, seed, train_size, root_dir, in_channels=3, extras=task_extras())
 
 
 def plot(path: Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
