@@ -42,6 +42,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -625,9 +626,23 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def git_info() -> dict[str, Any]:
+    """The commit the benchmark ran from and whether the work tree was clean (tracked files only)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit or None, "tree_clean": (not dirty) if commit else None}
+
+
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    """Write ``payload`` as indented JSON, creating the folder."""
+    """Write ``payload`` as indented JSON, creating the folder, with the git commit and tree state added."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**git_info(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
 
