@@ -11,78 +11,28 @@ whose outputs cannot be replayed) keep their pixels in the checkpoint.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_synth.data.pool_records import (
+    DTYPES,
+    STATE_VERSION,
+    EvictionPolicy,
+    PoolSample,
+    PoolUpdate,
+    StorageDtype,
+    bytes_per_sample,
+    decode,
+    empty_provenance,
+    encode,
+)
 from lightning_synth.generators.base import SyntheticBatch
 
 __all__ = ["EvictionPolicy", "PoolSample", "PoolUpdate", "StorageDtype", "SyntheticPool"]
-
-EvictionPolicy = Literal["oldest", "lowest_quality", "learned", "random"]
-StorageDtype = Literal["float32", "float16", "uint8"]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
-_PROVENANCE = {
-    "quality": torch.float32,
-    "epoch": torch.int64,
-    "sample_id": torch.int64,
-    "loss": torch.float32,
-    "generator": torch.int32,
-    "weakness": torch.int32,
-    "chunk": torch.int64,  # recipe id, -1 for samples stored as pixels
-    "offset": torch.int64,  # index of the sample in its recipe's output
-    "source_index": torch.int64,  # the real sample it came from, -1 if none
-}
-_STATE_VERSION = 2
-
-
-@dataclass(frozen=True)
-class PoolUpdate:
-    """What one :meth:`SyntheticPool.add` changed.
-
-    Attributes:
-        positions: where each stored sample of the batch landed, in batch order (appended first, then
-            replaced slots in ascending order).
-        appended: positions that did not exist before (the pool grew).
-        replaced: positions whose previous sample was evicted, ascending.
-        evicted_ids: the ``sample_id`` of each evicted sample, aligned with ``replaced``.
-        sample_ids: the ids given to the stored samples, aligned with ``positions``.
-        dropped: batch samples not stored because the batch alone exceeded the pool's capacity.
-        size: pool length after the update.
-    """
-
-    positions: Tensor
-    appended: Tensor
-    replaced: Tensor
-    evicted_ids: Tensor
-    sample_ids: Tensor
-    dropped: int
-    size: int
-
-    @property
-    def changed(self) -> Tensor:
-        """All positions whose content changed, ascending (reset their loss history)."""
-        return torch.sort(self.positions).values
-
-
-@dataclass(frozen=True)
-class PoolSample:
-    """One sample with its provenance, as returned by :meth:`SyntheticPool.get`."""
-
-    inputs: Tensor
-    target: Tensor
-    generator: str
-    weakness: str
-    quality: float
-    epoch: int
-    sample_id: int
-    loss: float | None
-
 
 class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
     """A bounded pool of synthetic samples with provenance and a deterministic eviction policy.
@@ -130,8 +80,8 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
             raise ValueError(f"`max_bytes` must be None or an int >= 1, got {max_bytes!r}")
         if eviction not in get_args(EvictionPolicy):
             raise ValueError(f"`eviction` must be one of {get_args(EvictionPolicy)}, got {eviction!r}")
-        if storage_dtype not in _DTYPES:
-            raise ValueError(f"`storage_dtype` must be one of {tuple(_DTYPES)}, got {storage_dtype!r}")
+        if storage_dtype not in DTYPES:
+            raise ValueError(f"`storage_dtype` must be one of {tuple(DTYPES)}, got {storage_dtype!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int, got {seed!r}")
         self.max_samples = max_samples
@@ -141,7 +91,7 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
         self.seed = seed
         self._next_id = 0
         self._evicted = 0
-        self._store: dict[str, Tensor] = _empty_provenance()
+        self._store: dict[str, Tensor] = empty_provenance()
         self._size = 0
         self._bytes_per_sample = 0
         self._generator_names: list[str] = []
@@ -315,7 +265,7 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
 
     def clear(self) -> None:
         """Remove every sample and forget the sample shape (ids keep increasing; the RNG is kept)."""
-        self._store = _empty_provenance()
+        self._store = empty_provenance()
         self._size = 0
         self._bytes_per_sample = 0
         self._generator_names = []
@@ -335,7 +285,7 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
             inputs = self._store["inputs"]
             pixels = {"shape": list(inputs.shape[1:]), "inputs": inputs[:n][fixed].clone()}
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "storage_dtype": self.storage_dtype,
             "store": store,
             "pixels": pixels,
@@ -354,8 +304,8 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
         Raises:
             ValueError: if the state is from another version or holds more samples than this pool's bounds.
         """
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"pool state version {state_dict.get('version')!r} is not {_STATE_VERSION}")
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(f"pool state version {state_dict.get('version')!r} is not {STATE_VERSION}")
         store = {key: values.clone() for key, values in state_dict["store"].items()}
         pixels = state_dict["pixels"]
         self.clear()
@@ -371,13 +321,13 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
             return
         n = len(store["sample_id"])
         fixed = store["chunk"] < 0
-        inputs = torch.zeros((n, *pixels["shape"]), dtype=_DTYPES[self.storage_dtype])
+        inputs = torch.zeros((n, *pixels["shape"]), dtype=DTYPES[self.storage_dtype])
         saved = pixels["inputs"]
         if state_dict["storage_dtype"] != self.storage_dtype:
-            saved = _encode(_decode(saved, state_dict["storage_dtype"]), self.storage_dtype)
+            saved = encode(decode(saved, state_dict["storage_dtype"]), self.storage_dtype)
         inputs[fixed] = saved
         self._store = {"inputs": inputs, **store}
-        self._bytes_per_sample = _bytes_per_sample(self._store)
+        self._bytes_per_sample = bytes_per_sample(self._store)
         self._size = n
         self._missing = ~fixed
         if self._size > self.capacity:
@@ -411,7 +361,7 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
                 f"replay of recipe {chunk} gave inputs of shape {tuple(batch.inputs.shape[1:])}, the pool holds "
                 f"{tuple(self._store['inputs'].shape[1:])}"
             )
-        self._store["inputs"][positions] = _encode(batch.inputs.detach().cpu()[offsets], self.storage_dtype)
+        self._store["inputs"][positions] = encode(batch.inputs.detach().cpu()[offsets], self.storage_dtype)
         self._missing[positions] = False
 
     def _forget_dead_chunks(self) -> None:
@@ -428,7 +378,7 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
         return i
 
     def _decode(self, inputs: Tensor) -> Tensor:
-        return _decode(inputs, self.storage_dtype)
+        return decode(inputs, self.storage_dtype)
 
     def _check_batch(self, batch: SyntheticBatch) -> None:
         inputs, targets = batch.inputs, batch.targets
@@ -456,11 +406,11 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
 
     def _allocate(self, inputs: Tensor, targets: Tensor) -> None:
         store = {
-            "inputs": torch.empty((0, *inputs.shape[1:]), dtype=_DTYPES[self.storage_dtype]),
+            "inputs": torch.empty((0, *inputs.shape[1:]), dtype=DTYPES[self.storage_dtype]),
             "targets": torch.empty((0, *targets.shape[1:]), dtype=targets.dtype),
         }
-        store.update(_empty_provenance())
-        self._bytes_per_sample = _bytes_per_sample(store)
+        store.update(empty_provenance())
+        self._bytes_per_sample = bytes_per_sample(store)
         if self.capacity < 1:
             bps = self._bytes_per_sample
             self._bytes_per_sample = 0
@@ -518,7 +468,7 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
             if key not in self._weakness_index:
                 self._weakness_index[key] = len(self._weakness_names)
                 self._weakness_names.append(key)
-        s["inputs"][positions] = _encode(batch.inputs.detach().cpu()[keep], self.storage_dtype)
+        s["inputs"][positions] = encode(batch.inputs.detach().cpu()[keep], self.storage_dtype)
         s["targets"][positions] = batch.targets.detach().cpu()[keep].to(s["targets"].dtype)
         s["quality"][positions] = batch.quality.detach().cpu()[keep].float()
         s["epoch"][positions] = epoch
@@ -549,23 +499,3 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
     @staticmethod
     def _bincount(codes: Tensor, size: int) -> list[int]:
         return torch.bincount(codes.long(), minlength=size).tolist() if size else []
-
-
-def _empty_provenance() -> dict[str, Tensor]:
-    return {key: torch.empty(0, dtype=dtype) for key, dtype in _PROVENANCE.items()}
-
-
-def _encode(inputs: Tensor, storage_dtype: str) -> Tensor:
-    if storage_dtype == "uint8":
-        return (inputs.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return inputs.to(_DTYPES[storage_dtype])
-
-
-def _decode(inputs: Tensor, storage_dtype: str) -> Tensor:
-    if storage_dtype == "uint8":
-        return inputs.float() / 255
-    return inputs.to(torch.float32, copy=True)
-
-
-def _bytes_per_sample(store: dict[str, Tensor]) -> int:
-    return sum(math.prod(values.shape[1:]) * values.element_size() for values in store.values())
