@@ -124,6 +124,7 @@ class SyntheticDataModule(L.LightningDataModule):
                                     "api_token": api_token}
         self.log_images = log_images
         self.mixed: MixedDataset | None = None
+        self.synthesis: SynthesisCallback | None = None  # set when the callbacks are made (attach or setup)
         # Lightning calls a datamodule's loader hooks only when they are overridden: mirror the wrapped one's.
         for stage in ("val", "test", "predict"):
             name = f"{stage}_dataloader"
@@ -154,6 +155,11 @@ class SyntheticDataModule(L.LightningDataModule):
     @property
     def generated(self) -> dict[str, int]:
         return self.engine.generated
+
+    @property
+    def server(self) -> Any:
+        """The running control API server (global rank 0, while fitting with ``serve_api=True``), else ``None``."""
+        return self.synthesis.server if self.synthesis is not None else None
 
     # ----------------------------------------------------------------------------------- pass-through
     def prepare_data(self) -> None:
@@ -231,6 +237,7 @@ def _callbacks_for(dm: SyntheticDataModule, analyzer: FailureModeCallback | None
     sampling = sampling or AdaptiveSampling(batch_adapter=dm.adapter)
     synthesis = SynthesisCallback(dm.engine, analyzer=analyzer, sampling=sampling, log_images=dm.log_images,
                                   **dm.api)
+    dm.synthesis = synthesis
     return [analyzer, sampling, synthesis]
 
 
