@@ -73,7 +73,7 @@ def test_resume_continues_exactly_like_a_straight_run(tmp_path, tkw):
 
 def test_resume_on_a_training_set_of_another_size_raises(tmp_path, tkw):
     _run(tmp_path, tkw, 1)
-    dm = SyntheticDataModule(DigitsDataModule(val_size=400), generators=[TargetedAugmentation()],
+    dm = SyntheticDataModule(DigitsDataModule(val_size=300), generators=[TargetedAugmentation()],
                              synthetic_budget=128)
     trainer = L.Trainer(max_epochs=2, callbacks=[FailureModeCallback(max_samples=64)], **tkw())
     with pytest.raises(ValueError, match=r"training set of .* samples, this one has"):
