@@ -24,6 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
 from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
+from lightning_synth.callbacks._hooks import Pairs, batch_tensor, empty_pairs, find_sampler, wrap_train_source
 from lightning_synth.data.loader import rebuild_loader
 from lightning_synth.data.sampler import AdaptiveSampler
 from lightning_synth.engine.comm import StrategyComm
@@ -31,56 +32,6 @@ from lightning_synth.engine.comm import StrategyComm
 __all__ = ["PER_SAMPLE_LOSS_KEY", "AdaptiveSampling"]
 
 PER_SAMPLE_LOSS_KEY = "per_sample_loss"
-_Pairs = tuple[Tensor, Tensor, Tensor]  # global draw positions, dataset indices, (loss, score) rows
-
-
-def _wrap_train_source(trainer: pl.Trainer, wrap: Callable[[Any], Any]) -> Callable[[], None]:
-    """Make the trainer pass its train DataLoader through ``wrap`` when it requests it; returns the undo.
-
-    The one use of a private Lightning attribute (``trainer.fit_loop._data_source``, Lightning 2.1-2.6,
-    pinned by ``tests/callbacks/test_adaptive_sampling.py::test_train_source_hook_supported``): Lightning has
-    no public hook to change the loader that ``train_dataloader()`` or ``fit(train_dataloaders=...)`` gave.
-    It is only used when the sampler must be installed for you; a loader built with an ``AdaptiveSampler``
-    (as :class:`~lightning_synth.SyntheticDataModule` builds it) never needs it.
-    """
-    source = getattr(trainer.fit_loop, "_data_source", None)
-    if source is None or not callable(getattr(source, "dataloader", None)):
-        raise RuntimeError(
-            "AdaptiveSampling cannot find where this Lightning version requests the train DataLoader "
-            "(`trainer.fit_loop._data_source`). Put an `AdaptiveSampler` in your train DataLoader yourself."
-        )
-    original = source.dataloader
-    source.dataloader = lambda: wrap(original())
-
-    def undo() -> None:
-        del source.dataloader  # the instance attribute shadowed the class method
-
-    return undo
-
-
-def _find_sampler(loader: DataLoader) -> AdaptiveSampler | None:
-    for candidate in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
-        if isinstance(candidate, AdaptiveSampler):
-            return candidate
-    return None
-
-
-def _batch_tensor(output: Any, batch_size: int) -> Tensor | None:
-    """The first tensor in a forward output whose leading dimension is the batch size."""
-    if isinstance(output, Tensor):
-        return output if output.ndim >= 1 and output.shape[0] == batch_size else None
-    if isinstance(output, Mapping):
-        output = [output["logits"]] if "logits" in output else list(output.values())
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = _batch_tensor(item, batch_size)
-            if found is not None:
-                return found
-    return None
-
-
-def _empty_pairs() -> _Pairs:
-    return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0, 2)
 
 
 class AdaptiveSampling(Callback):
@@ -185,8 +136,8 @@ class AdaptiveSampling(Callback):
         self._positions: Tensor = torch.empty(0, dtype=torch.long)
         self._capturing = False
         self._captured: Tensor | None = None
-        self._local: list[_Pairs] = []
-        self._gathered: list[_Pairs] = []
+        self._local: list[Pairs] = []
+        self._gathered: list[Pairs] = []
         self._sampler_state_to_load: dict[str, Any] | None = None
         self._warned: set[str] = set()
 
@@ -197,7 +148,7 @@ class AdaptiveSampling(Callback):
             return
         self._trainer = trainer
         self._hook = self._capture_target(pl_module).register_forward_hook(self._capture)
-        self._undo_source = _wrap_train_source(trainer, lambda loader: self._prepare_loader(loader, trainer))
+        self._undo_source = wrap_train_source(trainer, lambda loader: self._prepare_loader(loader, trainer))
 
     def add_listener(self, listener: Callable[[Tensor, Tensor], None]) -> None:
         """Call ``listener(indices, losses)`` at each epoch end with the epoch's per-sample losses (global draw
@@ -241,7 +192,7 @@ class AdaptiveSampling(Callback):
                 "AdaptiveSampling needs `train_dataloader()` to return one torch DataLoader, got "
                 f"{type(loader).__name__}. Combine several datasets into one Dataset instead."
             )
-        sampler = _find_sampler(loader)
+        sampler = find_sampler(loader)
         if sampler is not None and self._explicit and sampler is not self.sampler:
             raise ValueError(
                 f"AdaptiveSampling({', '.join(self._explicit)}=...) would be ignored: the train DataLoader already "
@@ -285,7 +236,7 @@ class AdaptiveSampling(Callback):
     def _bind_loader(self, trainer: pl.Trainer) -> None:
         """Read the sampler and batch size from the DataLoader Lightning actually iterates."""
         loader = trainer.train_dataloader
-        sampler = _find_sampler(loader) if isinstance(loader, DataLoader) else None
+        sampler = find_sampler(loader) if isinstance(loader, DataLoader) else None
         batch_sampler = getattr(loader, "batch_sampler", None)
         if sampler is None or not isinstance(batch_sampler, BatchSampler):
             raise RuntimeError(
@@ -311,7 +262,7 @@ class AdaptiveSampling(Callback):
     # ----------------------------------------------------------------------------------------- per batch
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._capturing and self._captured is None:
-            found = _batch_tensor(output, self._rows.numel())
+            found = batch_tensor(output, self._rows.numel())
             if found is not None:
                 self._captured = found.detach()
 
@@ -394,7 +345,7 @@ class AdaptiveSampling(Callback):
     def _sync(self) -> None:
         """Move this rank's buffered pairs into the gathered buffer, identical on every rank (collective)."""
         pos, idx, values = (
-            (torch.cat(parts) for parts in zip(*self._local, strict=True)) if self._local else _empty_pairs()
+            (torch.cat(parts) for parts in zip(*self._local, strict=True)) if self._local else empty_pairs()
         )
         self._local = []
         trainer = self._trainer
@@ -408,10 +359,10 @@ class AdaptiveSampling(Callback):
         if keys.numel():
             self._gathered.append((keys[:, 0], keys[:, 1], values))
 
-    def _pending(self) -> _Pairs:
+    def _pending(self) -> Pairs:
         """Gathered pairs in global draw order, whatever sync rounds they arrived in."""
         if not self._gathered:
-            return _empty_pairs()
+            return empty_pairs()
         pos, idx, values = (torch.cat(parts) for parts in zip(*self._gathered, strict=True))
         order = torch.sort(pos, stable=True).indices
         return pos[order], idx[order], values[order]

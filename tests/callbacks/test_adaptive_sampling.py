@@ -297,12 +297,12 @@ def test_train_source_hook_supported(tkw):
     import lightning
     from packaging.version import Version
 
-    from lightning_synth.callbacks.adaptive_sampling import _wrap_train_source
+    from lightning_synth.callbacks._hooks import wrap_train_source
 
     assert Version("2.1") <= Version(lightning.__version__) < Version("2.7"), lightning.__version__
     trainer = L.Trainer(max_epochs=1, **tkw())
     seen = []
-    undo = _wrap_train_source(trainer, lambda loader: seen.append(loader) or loader)
+    undo = wrap_train_source(trainer, lambda loader: seen.append(loader) or loader)
     assert callable(undo)
     undo()
     assert "dataloader" not in vars(trainer.fit_loop._data_source)
