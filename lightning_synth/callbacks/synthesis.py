@@ -67,7 +67,7 @@ class SynthesisCallback(Callback):
         dm, sampler = self.dm, self.dm.sampler
         if sampler is None:
             return
-        changes = dm.controller.sync(trainer)
+        changes = dm.controller.sync(trainer.strategy, epoch=trainer.current_epoch, step=trainer.global_step)
         for line in changes:
             rank_zero_info(f"lightning_synth settings: {line}")
         settings = dm.controller.settings

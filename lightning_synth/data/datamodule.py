@@ -218,8 +218,9 @@ class SyntheticDataModule(L.LightningDataModule):
         """Start the HTTP control API (global rank 0 only); called by the synthesis callback."""
         if not self.serve_api or self.server is not None:
             return
-        from lightning_synth.server import ControlServer
+        from lightning_synth.control import ControlServer
 
-        self.server = ControlServer(self.controller, host=self.api_host, port=self.api_port, token=self.api_token)
-        self.server.start()
+        # Assigned only once started: a failed start (port in use) leaves no dead server behind to skip a retry.
+        server = ControlServer(self.controller, host=self.api_host, port=self.api_port, token=self.api_token)
+        self.server = server.start()
         rank_zero_info(f"lightning_synth control API at {self.server.url}")
