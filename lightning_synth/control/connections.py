@@ -30,8 +30,9 @@ def bounded_h11(max_connections: int, request_timeout: float) -> type[asyncio.Pr
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             registry[self] = None
-            if len(registry) > max_connections:
-                idle = next((c for c in registry if c is not self and c._idle()), None)
+            live = [c for c in registry if not c.transport.is_closing()]  # closed ones leave at the next tick
+            if len(live) > max_connections:
+                idle = next((c for c in live if c is not self and c._idle()), None)
                 (idle or self).transport.close()
                 if idle is None:
                     return
@@ -48,7 +49,7 @@ def bounded_h11(max_connections: int, request_timeout: float) -> type[asyncio.Pr
 
         def _idle(self) -> bool:
             """No request in progress: headers not finished yet, or between requests."""
-            return self.cycle is None or self.cycle is self._armed_cycle or self.cycle.response_complete
+            return self.cycle is None or self.cycle.response_complete
 
         def _arm(self) -> None:
             self._disarm()
