@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lightning_synth.control.queue import ChangeQueue, Comm, PendingPatch, SettingsChange
+from lightning_synth.control.queue import ChangeQueue, Comm, PendingPatch, SettingsChange, comm_rank
 from lightning_synth.control.settings import SettingsPatch, SynthesisSettings
 from lightning_synth.control.status import StatusBoard
 
@@ -131,7 +131,7 @@ class SynthesisController:
         """
         events = self.queue.sync(comm, epoch=epoch, step=step)
         self.board.record(events)
-        if int(getattr(comm, "global_rank", 0)) == 0:
+        if comm_rank(comm) == 0:
             for event in events:
                 if event.status == "rejected":
                     log.error("lightning_synth control: %s", event.message)

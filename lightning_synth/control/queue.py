@@ -242,7 +242,7 @@ class ChangeQueue:
             "settings": settings.model_dump(mode="json"), "events": [e.model_dump() for e in events],
         }
         if comm is not None:
-            rank = int(getattr(comm, "global_rank", 0))
+            rank = comm_rank(comm)
             if rank != 0 and queued:
                 log.debug("rank %d: dropping %d queued change(s); only global rank 0's apply", rank, len(queued))
             payload = comm.broadcast(payload, src=0)
@@ -337,6 +337,11 @@ class ChangeQueue:
                     events.append(SettingsChange(field=name, before=describe(old), after=describe(new), **stamp))
             settings = merged
         return settings, events
+
+
+def comm_rank(comm: object) -> int:
+    """This process's global rank as ``comm`` tells it (``global_rank`` or ``rank``); 0 when it does not."""
+    return int(getattr(comm, "global_rank", getattr(comm, "rank", 0)))
 
 
 def _as_patch(patch: SettingsPatch | Mapping[str, Any]) -> SettingsPatch:
