@@ -26,8 +26,8 @@ __all__ = ["SynthesisCallback"]
 
 
 def _control_server(controller: Any, host: str, port: int, token: str | None) -> Any:
-    """The control API server (today ``lightning_synth.server``; ``lightning_synth.control`` after its split)."""
-    from lightning_synth.server import ControlServer
+    """The control API server (imported on first use: training without the API does not load FastAPI)."""
+    from lightning_synth.control import ControlServer
 
     return ControlServer(controller, host=host, port=port, token=token)
 

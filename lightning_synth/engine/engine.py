@@ -73,16 +73,8 @@ class RefreshReport:
     samples: dict[str, Tensor] = field(default_factory=dict)
 
 
-class _TrainerView:
-    """Today's ``SynthesisController.sync(trainer)`` reads these four attributes; the new ``sync(comm)`` takes
-    the comm itself (switch :func:`_sync` to ``controller.sync(comm)`` when lightning_synth.control lands)."""
-
-    def __init__(self, comm: Comm, epoch: int, step: int) -> None:
-        self.strategy, self.global_rank, self.current_epoch, self.global_step = comm, comm.rank, epoch, step
-
-
 def _sync(controller: SynthesisController, comm: Comm, epoch: int, step: int) -> list[str]:
-    return controller.sync(_TrainerView(comm, epoch, step))  # type: ignore[arg-type]
+    return controller.sync(comm, epoch=epoch, step=step)
 
 
 class SynthesisEngine:
