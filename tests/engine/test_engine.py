@@ -168,3 +168,33 @@ def test_resolve_budget_and_bad_arguments():
         SynthesisEngine(chunk_size=0)
     with pytest.raises(TypeError, match="`generators` must hold SyntheticGenerator"):
         SynthesisEngine(generators=[object()])  # type: ignore[list-item]
+
+
+def test_a_stateful_generator_keeps_its_pixels_in_the_checkpoint():
+    class Stateful(TargetedAugmentation):
+        def __init__(self):
+            super().__init__(name="stateful")
+            self.calls = 0
+
+        def generate(self, profile, budget, context):
+            self.calls += 1  # outputs depend on state: not replayable
+            return super().generate(profile, budget, context)
+
+        def state_dict(self):
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state_dict):
+            self.calls = state_dict["calls"]
+
+    engine = make_engine([Stateful(), TargetedAugmentation()])
+    engine.epoch_start(None, EpochContext(epoch=0), LocalComm())
+    state = engine.state_dict()
+    kept = state["pool"]["pixels"]["inputs"]
+    assert kept.shape[0] == engine.pool.stats()["count_by_generator"]["stateful"] > 0
+    again = SynthesisEngine([Stateful(), TargetedAugmentation()], synthetic_budget=64, real_cache_size=100)
+    again.load_state_dict(state)
+    inputs, targets = real_data()
+    again.bind(N_REAL, lambda index: (inputs[index], targets[index]))
+    again.restore(EpochContext(epoch=1))
+    assert all(torch.equal(again.pool[i][0], engine.pool[i][0]) for i in range(len(engine.pool)))
+    assert again.generators[0].calls == 1
