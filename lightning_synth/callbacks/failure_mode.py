@@ -117,6 +117,7 @@ class FailureModeCallback(Callback):
         'rotation'
     """
 
+    STAGES = (0.25, 0.5)  # fractions of the probe budget after which settled cells stop
     PARAM_CACHE_BYTES = 256 * 2**20  # probe parameters kept across epochs (the probe subset does not change)
 
     def __init__(
@@ -330,7 +331,7 @@ class FailureModeCallback(Callback):
         self._plan = self._probe_plan()
         world = max(trainer.world_size, 1)
         per_rank = math.ceil(self.max_samples / world)
-        stages = {math.ceil(per_rank * f) for f in (0.25, 0.5)} if self.sequential else set()
+        stages = {math.ceil(per_rank * f) for f in self.STAGES} if self.sequential else set()
         self._stages = sorted(s for s in stages if 0 < s < per_rank)
         self._dataset_len = _padded_dataset_len(trainer, loader)
         if capture:
