@@ -17,7 +17,9 @@ weaknesses (all kinds) and the largest frontier difference over perturbations (a
 as the top severity). Both analyzers use the same probe seed, so a cell probed on all samples is identical.
 ``--threads 1`` (default): on a small shared CPU one thread is faster and steadier than torch's default.
 
-Writes ``<results-dir>/analyzer_cost.json`` and prints a table.
+Writes ``<results-dir>/analyzer_cost.json``, the cheap profile's heatmap at the last checkpoint
+(``analyzer_cost.png``) and its frontier chart over the checkpoints (``analyzer_cost.frontier.png``), and prints
+a table.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lightning_synth.callbacks.failure_mode import FailureModeCallback
 from lightning_synth.datasets import FashionMNISTDataModule
 from lightning_synth.demos import ImageClassifier
 from lightning_synth.profile import WeaknessProfile
+from lightning_synth.report import render_frontier_chart, render_heatmap
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {"full_sweep_every": 1, "sequential": False},
@@ -53,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--val-size", type=int, default=2000, help="validation samples")
     parser.add_argument("--train-size", type=int, default=10000, help="training samples")
-    parser.add_argument("--checkpoints", type=int, default=5, help="training epochs, one checkpoint after each")
+    parser.add_argument("--checkpoints", type=int, default=4, help="training epochs, one checkpoint after each")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch's default); 1 is faster and steadier on a shared box")
@@ -182,7 +185,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "summary": summary,
     }
     path = write_json(args.results_dir / "analyzer_cost.json", payload)
-    print(f"\nwrote {path}")
+    # The pictures the analyzer draws, for the cheap profile at the last checkpoint and its history.
+    heatmap = render_heatmap(cheap.history[-1], args.results_dir / "analyzer_cost.png", list(cheap.severities))
+    frontier = render_frontier_chart(
+        [p.model_copy(update={"epoch": i}) for i, p in enumerate(cheap.history)],
+        args.results_dir / "analyzer_cost.frontier.png")
+    print(f"\nwrote {path}\nwrote {heatmap}\nwrote {frontier}")
     return payload
 
 
