@@ -67,7 +67,8 @@ class ConditionalGANGenerator(SyntheticGenerator):
         batch_size: batch size of those steps.
         class_check: ``"auxiliary"``: keep samples whose class the discriminator's auxiliary head predicts;
             ``"task"``: that ``context.task_model`` predicts (it rejects what the model gets wrong, which on
-            weak slices is what is needed); ``"none"``: no check.
+            weak slices is what is needed); ``"none"`` (default): no check. A GAN that is still learning its
+            classes fails the auxiliary check often, so that fewer than ``budget`` samples come back.
 
     Raises:
         TypeError: if ``gan`` is not a :class:`ConditionalGAN` or a number has the wrong type.
@@ -95,7 +96,7 @@ class ConditionalGANGenerator(SyntheticGenerator):
         max_rounds: int = 4,
         train_steps: int = 0,
         batch_size: int = 64,
-        class_check: str = "auxiliary",
+        class_check: str = "none",
     ) -> None:
         if not isinstance(gan, ConditionalGAN):
             raise TypeError(f"`gan` must be a ConditionalGAN, got {type(gan).__name__}")
