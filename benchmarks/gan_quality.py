@@ -69,6 +69,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--task", choices=("cells", "categories"), default="cells")
     parser.add_argument("--per-cell", type=int, default=20, help="cells task: GAN samples per (class, colour) cell")
     parser.add_argument("--heldout-size", type=int, default=2000, help="cells task: the GAN's group-labelled data")
+    parser.add_argument("--gan-slice", choices=("group", "colour"), default="group",
+                        help="cells task: the attribute the GAN is conditioned on besides the class")
     args = parser.parse_args()
     if args.out is None:
         args.out = RESULTS if args.task == "categories" else RESULTS.with_name("gan_quality_cells.json")
@@ -231,7 +233,8 @@ def main_cells(args: argparse.Namespace) -> None:
                                         seed=args.seed)
     dm.setup("fit")
     assert dm.test_set is not None and dm.train_set is not None
-    gan, gan_seconds = make_slice_gan(dm, args.seed, args.steps, args.width, batch_size=args.batch_size)
+    gan, gan_seconds = make_slice_gan(dm, args.seed, args.steps, args.width, batch_size=args.batch_size,
+                                      slice_key=args.gan_slice)
     # The judge: real images (the training split's shapes) with colours independent of the class.
     g = torch.Generator().manual_seed(args.seed + 5)
     judge_x = tint(dm.train_set.grey, sample_colours(dm.train_set.labels, None, g))
@@ -246,13 +249,15 @@ def main_cells(args: argparse.Namespace) -> None:
     groups = torch.arange(LAYOUT.num_groups).repeat_interleave(args.per_cell)
     classes = LAYOUT.split(groups)[0]
     clean = torch.zeros_like(classes)
-    samples = gan.sample(classes, clean, generator=torch.Generator().manual_seed(args.seed + 1), slices=groups)
+    gan_slices = groups if args.gan_slice == "group" else LAYOUT.split(groups)[1]
+    samples = gan.sample(classes, clean, generator=torch.Generator().manual_seed(args.seed + 1), slices=gan_slices)
     with torch.no_grad():
         judged = torch.cat([judge(x).argmax(1) for x in samples.split(1000)])
         judged_real = torch.cat([judge(x).argmax(1) for x in test_x.split(1000)])
-    fake_score = gan.realism(samples, classes, clean, slices=groups)
+    fake_score = gan.realism(samples, classes, clean, slices=gan_slices)
     real_classes = test.labels
-    real_score = gan.realism(test_x, real_classes, torch.zeros_like(real_classes), slices=test_groups)
+    real_slices = test_groups if args.gan_slice == "group" else test.colours
+    real_score = gan.realism(test_x, real_classes, torch.zeros_like(real_classes), slices=real_slices)
     sample_colour, real_colour = colour_of(samples), colour_of(test_x)
     cells = []
     for group in range(LAYOUT.num_groups):

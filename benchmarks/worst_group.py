@@ -83,6 +83,7 @@ from lightning_synth.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from lightning_synth.generators import ConditionalGAN, ConditionalGANGenerator, ScenarioGenerator
 from lightning_synth.generators.base import GenerationContext, SyntheticBatch, SyntheticGenerator
 from lightning_synth.generators.gan import CLEAN
+from lightning_synth.generators.gan_generator import cells_from_data
 from lightning_synth.profile import WeaknessProfile
 
 TASK = "worst_group"
@@ -185,11 +186,12 @@ class TintedDataset(Dataset):
     """Grey uint8 images tinted on the fly: items ``(x, y)`` or ``(x, y, group)``; optional index list."""
 
     def __init__(
-        self, grey: Tensor, labels: Tensor, colours: Tensor, with_groups: bool, indices: Tensor | None = None
+        self, grey: Tensor, labels: Tensor, colours: Tensor, with_groups: bool, indices: Tensor | None = None,
+        with_colours: bool = False,
     ) -> None:
         self.grey, self.labels, self.colours, self.with_groups = grey, labels, colours, with_groups
         self.groups = LAYOUT.group(labels, colours)
-        self.indices = indices
+        self.indices, self.with_colours = indices, with_colours
 
     def __len__(self) -> int:
         return len(self.labels) if self.indices is None else len(self.indices)
@@ -197,6 +199,8 @@ class TintedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         i = int(self.indices[index]) if self.indices is not None else index
         image = tint(self.grey[i : i + 1], self.colours[i : i + 1])[0]
+        if self.with_colours:
+            return image, self.labels[i], {"group": self.groups[i], "colour": self.colours[i]}
         return (image, self.labels[i], self.groups[i]) if self.with_groups else (image, self.labels[i])
 
     def images(self) -> Tensor:
@@ -304,11 +308,12 @@ class ColouredFashionMNISTDataModule(L.LightningDataModule):
         )
 
     def heldout_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Shuffled batches ``(x, y, group)`` of the held-out split (see ``heldout_size``)."""
-        if self.heldout_set is None:
+        """Shuffled batches ``(x, y, {"group": g, "colour": c})`` of the held-out split (see ``heldout_size``)."""
+        s = self.heldout_set
+        if s is None:
             raise RuntimeError("No held-out split: build the datamodule with `heldout_size > 0` and call `setup()`.")
-        return DataLoader(self.heldout_set, batch_size=batch_size or self.batch_size, shuffle=True,
-                          num_workers=self.num_workers)
+        dataset = TintedDataset(s.grey, s.labels, s.colours, True, with_colours=True)
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -510,14 +515,16 @@ def synthetic_method(
 
 def make_slice_gan(
     dm: ColouredFashionMNISTDataModule, seed: int, steps: int = 300, width: int = 16, root_dir: Path | None = None,
-    accelerator: str = "cpu", batch_size: int = 64,
+    accelerator: str = "cpu", batch_size: int = 64, slice_key: str = "group",
 ) -> tuple[ConditionalGAN, float]:
-    """A :class:`ConditionalGAN` conditioned on class and group, fitted with ``Trainer.fit`` on the held-out
-    split's ``(x, y, group)`` batches; returns it and its training seconds."""
+    """A :class:`ConditionalGAN` conditioned on class and ``slice_key`` (``"group"``: 100 values, or
+    ``"colour"``: 10), fitted with ``Trainer.fit`` on the held-out split's batches; returns it and its
+    training seconds."""
     dm.setup("fit")
     L.seed_everything(seed, workers=True, verbose=False)
     gan = ConditionalGAN(latent_dim=32, num_classes=LAYOUT.num_classes, categories=[CLEAN], image_size=28, channels=3,
-                         width=width, num_slices=LAYOUT.num_groups, slice_key="group")
+                         width=width, num_slices=LAYOUT.num_groups if slice_key == "group" else NUM_COLOURS,
+                         slice_key=slice_key)
     trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(root_dir or Path(tempfile.gettempdir())))
@@ -528,22 +535,32 @@ def make_slice_gan(
 
 def make_lightning_synth(
     gan_steps: int = 300, gan_width: int = 16, min_quality: float = 0.0, class_check: str = "auxiliary",
-    share: float = 0.5,
+    share: float = 0.5, gan_slice: str = "group",
 ) -> Method:
-    """The headline: slices from the validation group labels, a slice-conditioned GAN, no user function."""
+    """The headline: slices from the validation group labels, a slice-conditioned GAN, no user function.
+
+    ``gan_slice="colour"``: the GAN is conditioned on the held-out batches' colour attribute; the weak
+    groups the analyzer reports are mapped to (class, colour) cells by :func:`cells_from_data` on the
+    held-out samples (which carry both attributes).
+    """
 
     def generators(dm: L.LightningDataModule, ctx: MethodContext) -> list[SyntheticGenerator]:
         if not isinstance(dm, ColouredFashionMNISTDataModule):
             raise TypeError(f"lightning_synth needs a ColouredFashionMNISTDataModule, got {type(dm).__name__}")
         gan, seconds = make_slice_gan(dm, ctx.seed, gan_steps, gan_width, ctx.root_dir / "gan",
-                                      "cpu" if ctx.accelerator == "auto" else ctx.accelerator)
+                                      "cpu" if ctx.accelerator == "auto" else ctx.accelerator, slice_key=gan_slice)
         ctx.info.update(gan_steps=gan_steps, gan_seconds=seconds)
         L.seed_everything(ctx.seed, workers=True, verbose=False)  # the classifier starts like ERM's
-        return [ConditionalGANGenerator(gan, min_quality=min_quality, class_check=class_check)]
+        held = dm.heldout_set
+        assert held is not None
+        cells = {} if gan_slice == "group" else {
+            "group": cells_from_data(held.groups, held.labels, held.colours, LAYOUT.num_groups)}
+        return [ConditionalGANGenerator(gan, min_quality=min_quality, class_check=class_check, slice_cells=cells)]
 
     return synthetic_method(
         "lightning_synth", generators, share,
-        f"slice-conditioned GAN ({gan_steps} steps on the held-out split), slices from validation groups, "
+        f"GAN conditioned on class and {gan_slice} ({gan_steps} steps on the held-out split), slices from "
+        f"validation groups, "
         f"no user function; class check {class_check}, min quality {min_quality}",
     )
 
@@ -630,6 +647,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gan-width", type=int, default=16)
     parser.add_argument("--gan-min-quality", type=float, default=0.0)
     parser.add_argument("--gan-class-check", default="auxiliary", choices=("auxiliary", "task", "none"))
+    parser.add_argument("--gan-slice", default="group", choices=("group", "colour"),
+                        help="the held-out attribute the GAN is conditioned on besides the class")
     parser.add_argument("--synthetic-share", type=float, default=0.5,
                         help="synthetic samples per refresh, as a share of the real training set")
     args = parser.parse_args(argv)
@@ -738,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ls_user_scenario": make_user_scenario(share),
         # The plugins' generic `lightning_synth` is replaced here by the worst-group headline (the GAN).
         "lightning_synth": make_lightning_synth(args.gan_steps, args.gan_width, args.gan_min_quality,
-                                                args.gan_class_check, share),
+                                                args.gan_class_check, share, args.gan_slice),
     }
     methods = resolve_methods(args.methods or list(DEFAULT_METHODS), TASK, overrides)
     reference = make_datamodule(args)

@@ -6,6 +6,10 @@ Each sample targets one weakness, drawn in proportion to its gap:
   (class, slice) cells: slice ``v`` with the classes the GAN saw in that slice (in proportion to its
   :attr:`~ConditionalGAN.cell_counts`; every class if it saw none, composing the cell from the separate
   class and slice embeddings);
+- a slice weakness on another attribute ``<name>=<v>`` gives samples of the cell that ``slice_cells[name]``
+  maps ``v`` to (see :func:`cells_from_data`: e.g. the analyzer reports weak *groups* while the GAN is
+  conditioned on the *colour* attribute, shared by ten groups, so that each colour embedding learns from ten
+  times the samples);
 - a class or confusion weakness gives a clean sample of its class (with a slice drawn from the class's cells);
 - a perturbation weakness gives a sample of the GAN's matching category at the weakness's severity, with a
   uniformly drawn class.
@@ -36,10 +40,36 @@ from lightning_synth.generators.base import GenerationContext, SyntheticBatch, S
 from lightning_synth.generators.gan import ConditionalGAN
 from lightning_synth.profile import Weakness, WeaknessProfile
 
-__all__ = ["ConditionalGANGenerator"]
+__all__ = ["ConditionalGANGenerator", "cells_from_data"]
 
 _CHUNK = 1024
 _CLASS_CHECKS = ("auxiliary", "task", "none")
+
+
+def cells_from_data(values: Tensor, labels: Tensor, slices: Tensor, num_values: int) -> Tensor:
+    """For each value of an attribute, the (class, slice) cell most of its samples fall in.
+
+    Args:
+        values: ``(N,)`` the attribute's integer values (e.g. group labels) of real samples.
+        labels: ``(N,)`` their classes.
+        slices: ``(N,)`` their values of the GAN's slice attribute.
+        num_values: how many values the attribute has.
+
+    Returns:
+        ``(num_values, 2)`` long tensor of ``(class, slice)``; ``(-1, -1)`` for values no sample has.
+
+    Example:
+        >>> groups = torch.tensor([7, 7, 12]); labels = torch.tensor([0, 0, 1]); colours = torch.tensor([7, 7, 2])
+        >>> cells_from_data(groups, labels, colours, 13)[[7, 12, 0]].tolist()
+        [[0, 7], [1, 2], [-1, -1]]
+    """
+    out = torch.full((num_values, 2), -1, dtype=torch.long)
+    pairs = torch.stack([labels.long(), slices.long()], 1)
+    for v in values.unique().tolist():
+        if 0 <= v < num_values:
+            cells, counts = pairs[values == v].unique(dim=0, return_counts=True)
+            out[v] = cells[counts.argmax()]
+    return out
 
 
 @dataclass(frozen=True)
@@ -69,6 +99,8 @@ class ConditionalGANGenerator(SyntheticGenerator):
             ``"task"``: that ``context.task_model`` predicts (it rejects what the model gets wrong, which on
             weak slices is what is needed); ``"none"`` (default): no check. A GAN that is still learning its
             classes fails the auxiliary check often, so that fewer than ``budget`` samples come back.
+        slice_cells: per slice attribute other than the GAN's, a ``(num_values, 2)`` table of the
+            ``(class, GAN slice)`` cell of each value (:func:`cells_from_data` derives it from real samples).
 
     Raises:
         TypeError: if ``gan`` is not a :class:`ConditionalGAN` or a number has the wrong type.
@@ -97,6 +129,7 @@ class ConditionalGANGenerator(SyntheticGenerator):
         train_steps: int = 0,
         batch_size: int = 64,
         class_check: str = "none",
+        slice_cells: dict[str, Tensor] | None = None,
     ) -> None:
         if not isinstance(gan, ConditionalGAN):
             raise TypeError(f"`gan` must be a ConditionalGAN, got {type(gan).__name__}")
@@ -114,6 +147,10 @@ class ConditionalGANGenerator(SyntheticGenerator):
         if class_check not in _CLASS_CHECKS:
             raise ValueError(f"`class_check` must be one of {_CLASS_CHECKS}, got {class_check!r}")
         self.gan, self.class_check = gan, class_check
+        self.slice_cells = {str(k): torch.as_tensor(v).long() for k, v in (slice_cells or {}).items()}
+        for name, table in self.slice_cells.items():
+            if table.ndim != 2 or table.shape[1] != 2:
+                raise ValueError(f"`slice_cells[{name!r}]` must have shape (num_values, 2), got {tuple(table.shape)}")
         self.min_quality, self.oversample, self.max_rounds = float(min_quality), float(oversample), max_rounds
         self.train_steps, self.batch_size = train_steps, batch_size
         self._optimizers: list[torch.optim.Optimizer] | None = None
@@ -182,9 +219,17 @@ class ConditionalGANGenerator(SyntheticGenerator):
         """The (class, slice) cells of a slice weakness ``<slice_key>=<value>``; none for other attributes."""
         gan = self.gan
         key, _, value = weakness.name.partition("=")
-        if gan.num_slices == 0 or key != gan.slice_key or not value.lstrip("-").isdigit():
+        if gan.num_slices == 0 or not value.lstrip("-").isdigit():
             return []
         v = int(value)
+        if key != gan.slice_key:
+            table = self.slice_cells.get(key)
+            if table is None or not 0 <= v < len(table):
+                return []
+            c, s = (int(x) for x in table[v])
+            if not (0 <= c < gan.num_classes and 0 <= s < gan.num_slices):
+                return []
+            return [_Target(weakness.key, weakness.gap, gan.clean_index, cls=c, slice=s)]
         if not 0 <= v < gan.num_slices:
             return []
         counts = gan.cell_counts[:, v].detach().double().cpu()

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_synth.datasets import load_digits_tensors
 from lightning_synth.generators.base import GenerationContext
 from lightning_synth.generators.gan import ConditionalGAN
-from lightning_synth.generators.gan_generator import ConditionalGANGenerator
+from lightning_synth.generators.gan_generator import ConditionalGANGenerator, cells_from_data
 from lightning_synth.profile import Weakness, WeaknessProfile
 
 SLICED: dict[str, Any] = {"latent_dim": 8, "image_size": 8, "width": 8, "categories": ["clean"], "num_slices": 3}
@@ -125,3 +125,17 @@ def test_in_loop_training_reads_the_slices_from_the_context(sliced_gan: Conditio
     bare = GenerationContext(data[0][:64], data[1][:64], 10, torch.Generator().manual_seed(0))
     with pytest.raises(KeyError, match=r"context.extras\['slices'\]\['group'\]"):
         generator.generate(WeaknessProfile(), 4, bare)
+
+
+def test_weak_groups_map_to_cells_of_the_gans_slice(sliced_gan: ConditionalGAN,
+                                                     data: tuple[Tensor, Tensor, Tensor]) -> None:
+    _, labels, slices = data
+    groups = labels * 3 + slices  # another attribute: one value per (class, slice) cell
+    cells = cells_from_data(groups, labels, slices, 30)
+    assert cells[7 * 3 + 1].tolist() == [7, 1] and cells[7 * 3 + 2].tolist() == [-1, -1]
+    generator = ConditionalGANGenerator(sliced_gan, slice_cells={"cell": cells})
+    profile = WeaknessProfile(weaknesses=[slice_weakness("cell=22", 0.4), slice_weakness("cell=23", 0.3)])
+    batch = generator.generate(profile, 20, context(data))
+    assert set(batch.targets.tolist()) == {7} and set(batch.weakness) == {"slice/cell=22"}  # 23: no such cell
+    with pytest.raises(ValueError, match="must have shape"):
+        ConditionalGANGenerator(sliced_gan, slice_cells={"cell": torch.zeros(3)})
