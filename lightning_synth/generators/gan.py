@@ -22,6 +22,10 @@ asked for; the GAN counts the (class, slice) cells it was trained on in :attr:`C
   that the generator never happened to draw, and is usable as a quality filter.
 - An optional task-adversarial term pushes samples toward what a task model gets wrong, without flipping
   their label.
+
+Under DDP, train it with ``Trainer.fit`` (it is a LightningModule): the strategy gives each rank its shard of
+the batches and averages the gradients, so the ranks hold one model, not N copies. :meth:`ConditionalGAN.sample`
+makes the same images on every rank only when given generators in the same state.
 """
 
 from __future__ import annotations
