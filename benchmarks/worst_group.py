@@ -647,7 +647,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gan-width", type=int, default=16)
     parser.add_argument("--gan-min-quality", type=float, default=0.0)
     parser.add_argument("--gan-class-check", default="auxiliary", choices=("auxiliary", "task", "none"))
-    parser.add_argument("--gan-slice", default="group", choices=("group", "colour"),
+    parser.add_argument("--gan-slice", default="colour", choices=("group", "colour"),
                         help="the held-out attribute the GAN is conditioned on besides the class")
     parser.add_argument("--synthetic-share", type=float, default=0.5,
                         help="synthetic samples per refresh, as a share of the real training set")

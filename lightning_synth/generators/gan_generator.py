@@ -19,11 +19,13 @@ drawn (up to ``max_rounds`` times) so that about ``budget`` survive: the discrim
 ``min_quality``, and a class check (``class_check``): the discriminator's auxiliary class head (trained on
 real images only) or the task model must predict the conditioned class.
 
-Randomness comes from ``context.generator`` only. The synthesis callback seeds it per rank, so under DDP the
-ranks make *different* samples (then gathered), from the same GAN weights. With ``train_steps > 0`` only
-global rank 0 trains the GAN (the other ranks do not train a copy to throw away); the caller then
-broadcasts rank 0's :meth:`ConditionalGANGenerator.state_dict` (the synthesis callback does so after every
-refresh), so until then the other ranks sample from the previous weights.
+Sampling randomness comes from ``context.generator``, which the engine seeds per rank: under DDP the ranks
+make *different* samples (then gathered), from the same GAN weights. In-loop training (``train_steps > 0``)
+draws its batches from an RNG seeded by the epoch and a call counter, not by the rank, on the same real
+cache: every rank runs the same steps and ends with the same weights without communication (the work is
+repeated on each rank, not spread; a rank that gets no share of a refresh skips its call and falls out of
+step). To spread GAN training over ranks, pretrain the :class:`ConditionalGAN` with ``Trainer.fit`` under
+DDP, where the strategy shards the batches and averages the gradients, and keep ``train_steps=0``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_synth.generators.base import GenerationContext, SyntheticBatch, SyntheticGenerator
@@ -154,6 +155,7 @@ class ConditionalGANGenerator(SyntheticGenerator):
         self.min_quality, self.oversample, self.max_rounds = float(min_quality), float(oversample), max_rounds
         self.train_steps, self.batch_size = train_steps, batch_size
         self._optimizers: list[torch.optim.Optimizer] | None = None
+        self._train_calls = 0
         self._pending_optimizer_state: list[dict[str, Any]] | None = None
 
     def generate(self, profile: WeaknessProfile, budget: int, context: GenerationContext) -> SyntheticBatch:
@@ -191,12 +193,13 @@ class ConditionalGANGenerator(SyntheticGenerator):
     def state_dict(self) -> dict[str, Any]:
         opts = self._optimizers
         optimizer_state = [o.state_dict() for o in opts] if opts is not None else self._pending_optimizer_state
-        return {"gan": self.gan.state_dict(), "optimizers": optimizer_state}
+        return {"gan": self.gan.state_dict(), "optimizers": optimizer_state, "train_calls": self._train_calls}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.gan.load_state_dict(state_dict["gan"])
         self._optimizers = None
         self._pending_optimizer_state = state_dict.get("optimizers")
+        self._train_calls = int(state_dict.get("train_calls", 0))
 
     # ---------------------------------------------------------------------------------------- internals
     def _plan(self, profile: WeaknessProfile) -> list[_Target]:
@@ -255,8 +258,6 @@ class ConditionalGANGenerator(SyntheticGenerator):
         return torch.cat(preds) == classes
 
     def _train(self, context: GenerationContext) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-            return  # rank 0 trains; the caller broadcasts its state (see the module docstring)
         if context.task_model is not None:
             self.gan.set_task_model(context.task_model)
         if self._optimizers is None:
@@ -271,9 +272,12 @@ class ConditionalGANGenerator(SyntheticGenerator):
             if slices is None:
                 raise KeyError(f"The GAN is conditioned on slice {self.gan.slice_key!r}: training it needs the real "
                                f"samples' values in `context.extras['slices'][{self.gan.slice_key!r}]`")
+        # Rank-independent: every rank takes the same steps (see the module docstring).
+        rng = torch.Generator().manual_seed(1_000_003 * context.epoch + self._train_calls)
+        self._train_calls += 1
         self._optimizers = self.gan.fit_steps(
             context.real_inputs, context.real_targets, self.train_steps, self.batch_size,
-            generator=context.generator, optimizers=self._optimizers, slices=slices,
+            generator=rng, optimizers=self._optimizers, slices=slices,
         )
 
     def _move_to(self, device: torch.device) -> None:
