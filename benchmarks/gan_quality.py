@@ -1,5 +1,16 @@
-# python benchmarks/gan_quality.py            (defaults: 600 GAN steps on CPU, a few minutes; --help for options)
-"""How good are `ConditionalGAN` samples? Class consistency per weakness category, and realism AUC.
+# python -m benchmarks.gan_quality --task cells       (the worst-group slice GAN, per (class, colour) cell)
+# python -m benchmarks.gan_quality --task categories  (600 GAN steps on CPU; --help for options)
+"""How good are `ConditionalGAN` samples?
+
+``--task cells`` (default): the GAN of the worst-group benchmark's ``lightning_synth`` (conditioned on class
+and group, fitted on the held-out split, as there), judged per (class, colour) cell: the rate at which a
+classifier trained on real images with random colours assigns the cell's samples to their class, beside its
+accuracy on real test images of the cell; the rate at which the samples show the cell's colour (nearest
+palette colour of the mean tint); and the discriminator's realism AUC of real test images of the cell vs the
+cell's samples (0.5: alike to it; 1: always told apart). Writes ``results/gan_quality_cells.json`` and
+``results/gan_quality_cells.png`` (rows: classes, columns: colours, a 2x2 block of samples per cell).
+
+``--task categories``: class consistency per weakness category, and realism AUC, as before:
 
 1. Trains a small CNN classifier on real, clean Fashion-MNIST.
 2. Trains a `ConditionalGAN` on the same Fashion-MNIST subset with `Trainer.fit` (CPU); with
@@ -54,8 +65,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     # One thread: on a shared 2-core machine, two intra-op threads per process run several times slower.
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    return parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: by task, in results/)")
+    parser.add_argument("--task", choices=("cells", "categories"), default="cells")
+    parser.add_argument("--per-cell", type=int, default=20, help="cells task: GAN samples per (class, colour) cell")
+    parser.add_argument("--heldout-size", type=int, default=2000, help="cells task: the GAN's group-labelled data")
+    parser.add_argument("--gan-slice", choices=("group", "colour"), default="group",
+                        help="cells task: the attribute the GAN is conditioned on besides the class")
+    args = parser.parse_args()
+    if args.out is None:
+        args.out = RESULTS if args.task == "categories" else RESULTS.with_name("gan_quality_cells.json")
+    return args
 
 
 def train_gan(
@@ -175,10 +194,121 @@ def realism_aucs(args: argparse.Namespace, gan: ConditionalGAN, test_x: Tensor, 
     return {name: auc(real, gan.realism(x, test_y, clean)) for name, x in junk.items()}
 
 
+def colour_of(images: Tensor) -> Tensor:
+    """Nearest palette colour ``(N,)`` of each tinted image's mean tint (pixels of any brightness)."""
+    from benchmarks.worst_group import PALETTE
+
+    rgb = images.sum((2, 3))
+    rgb = rgb / rgb.amax(1, keepdim=True).clamp_min(1e-8)
+    return ((rgb[:, None, :] - PALETTE[None]) ** 2).sum(2).argmin(1)
+
+
+def save_cell_grid(path: Path, samples: Tensor, num_classes: int, num_colours: int, per: int = 4) -> None:
+    """One PNG: rows are classes, columns colours, each cell a ``sqrt(per)`` square of its first samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    side = int(per**0.5)
+    c, h, w = samples.shape[1:]
+    cell_h, cell_w = side * h + 2, side * w + 2
+    canvas = torch.ones(c, num_classes * cell_h, num_colours * cell_w)
+    cells = samples.view(num_classes, num_colours, -1, c, h, w)
+    for y in range(num_classes):
+        for k in range(num_colours):
+            for i in range(side * side):
+                r, q = divmod(i, side)
+                top, left = y * cell_h + r * h, k * cell_w + q * w
+                canvas[:, top : top + h, left : left + w] = cells[y, k, i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(path, canvas.permute(1, 2, 0).clamp(0, 1).numpy())
+
+
+def main_cells(args: argparse.Namespace) -> None:
+    from benchmarks.common import write_json
+    from benchmarks.worst_group import LAYOUT, ColouredFashionMNISTDataModule, make_slice_gan, sample_colours, tint
+
+    dm = ColouredFashionMNISTDataModule(val_size=2000, heldout_size=args.heldout_size, train_size=args.train_size,
+                                        seed=args.seed)
+    dm.setup("fit")
+    assert dm.test_set is not None and dm.train_set is not None
+    gan, gan_seconds = make_slice_gan(dm, args.seed, args.steps, args.width, batch_size=args.batch_size,
+                                      slice_key=args.gan_slice)
+    # The judge: real images (the training split's shapes) with colours independent of the class.
+    g = torch.Generator().manual_seed(args.seed + 5)
+    judge_x = tint(dm.train_set.grey, sample_colours(dm.train_set.labels, None, g))
+    judge = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+    judge, judge_seconds = fit_cnn(judge, judge_x, dm.train_set.labels, args.classifier_epochs)
+    test = dm.test_set
+    test_x, test_groups = test.images(), test.groups
+    groups = torch.arange(LAYOUT.num_groups).repeat_interleave(args.per_cell)
+    classes = LAYOUT.split(groups)[0]
+    clean = torch.zeros_like(classes)
+    gan_slices = groups if args.gan_slice == "group" else LAYOUT.split(groups)[1]
+    samples = gan.sample(classes, clean, generator=torch.Generator().manual_seed(args.seed + 1), slices=gan_slices)
+    with torch.no_grad():
+        judged = torch.cat([judge(x).argmax(1) for x in samples.split(1000)])
+        judged_real = torch.cat([judge(x).argmax(1) for x in test_x.split(1000)])
+    fake_score = gan.realism(samples, classes, clean, slices=gan_slices)
+    real_classes = test.labels
+    real_slices = test_groups if args.gan_slice == "group" else test.colours
+    real_score = gan.realism(test_x, real_classes, torch.zeros_like(real_classes), slices=real_slices)
+    sample_colour, real_colour = colour_of(samples), colour_of(test_x)
+    cells = []
+    for group in range(LAYOUT.num_groups):
+        fake, real = groups == group, test_groups == group
+        y, k = LAYOUT.split(torch.tensor(group))
+        cells.append({
+            "cell": LAYOUT.name(group),
+            "train_share": float((dm.train_set.groups == group).float().mean()),
+            "gan_class_rate": float((judged[fake] == y).float().mean()),
+            "real_class_accuracy": float((judged_real[real] == y).float().mean()) if real.any() else None,
+            "gan_colour_rate": float((sample_colour[fake] == k).float().mean()),
+            "real_colour_rate": float((real_colour[real] == k).float().mean()) if real.any() else None,
+            "realism_auc_real_vs_gan": auc(real_score[real], fake_score[fake]) if real.any() else None,
+        })
+
+    def mean(key: str, rows: list[dict[str, Any]]) -> float:
+        values = [r[key] for r in rows if r[key] is not None]
+        return sum(values) / len(values)
+
+    minority = [r for r, group in zip(cells, range(LAYOUT.num_groups)) if group // 10 != group % 10]
+    summary = {key: {"all_cells": mean(key, cells), "minority_cells": mean(key, minority)}
+               for key in ("gan_class_rate", "real_class_accuracy", "gan_colour_rate", "real_colour_rate",
+                           "realism_auc_real_vs_gan")}
+    png = args.out.with_suffix(".png")
+    save_cell_grid(png, samples, LAYOUT.num_classes, LAYOUT.num_colours, per=min(4, args.per_cell))
+    result = {
+        "command": "python -m benchmarks.gan_quality " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "seconds": {"gan_training": round(gan_seconds, 1), "judge_training": round(judge_seconds, 1)},
+        "judge_test_accuracy": float((judged_real == real_classes).float().mean()),
+        "summary": summary,
+        "cells": cells,
+        "grid": png.name,
+    }
+    write_json(args.out, result)
+    print(f"GAN: {args.steps} steps in {gan_seconds:.0f} s; "
+          f"judge accuracy on real test {result['judge_test_accuracy']:.3f}")
+    print(f"{'':<24} {'all cells':>10} {'minority cells':>15}")
+    for key, value in summary.items():
+        print(f"{key:<24} {value['all_cells']:>10.3f} {value['minority_cells']:>15.3f}")
+    print(f"wrote {args.out} and {png}")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
+    if args.task == "cells":
+        main_cells(args)
+        return
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))[: args.train_size]

@@ -1,9 +1,14 @@
-"""`ConditionalGAN`: a small DCGAN-style GAN conditioned on class and on a weakness category.
+"""`ConditionalGAN`: a small DCGAN-style GAN conditioned on class, a weakness category and a data slice.
 
 A category is ``"clean"`` or the name of a perturbation in the shared bank. While training, each real
 image gets a random category and severity; a perturbed category means the real image is perturbed with
 that bank operation before the discriminator sees it, so ``G(z, class, category, severity)`` learns to
 draw images of the class that *show* the perturbation.
+
+A slice is an integer attribute of the real samples (``num_slices > 0``; read from the batch's slices under
+``slice_key`` through the batch adapter, e.g. the group of ``(x, y, group)`` batches). Class, category and
+slice have *separate* embeddings, so a (class, slice) cell that is rare or absent in training can still be
+asked for; the GAN counts the (class, slice) cells it was trained on in :attr:`ConditionalGAN.cell_counts`.
 
 - Generator: upsample + 3x3 convolutions with conditional batch norm (gains and biases from the class and
   category embeddings), sigmoid output in [0, 1].
@@ -17,6 +22,10 @@ draw images of the class that *show* the perturbation.
   that the generator never happened to draw, and is usable as a quality filter.
 - An optional task-adversarial term pushes samples toward what a task model gets wrong, without flipping
   their label.
+
+Under DDP, train it with ``Trainer.fit`` (it is a LightningModule): the strategy gives each rank its shard of
+the batches and averages the gradients, so the ranks hold one model, not N copies. :meth:`ConditionalGAN.sample`
+makes the same images on every rank only when given generators in the same state.
 """
 
 from __future__ import annotations
@@ -67,22 +76,28 @@ class _Generator(nn.Module):
     fed both to the input and to class-conditional batch norms."""
 
     def __init__(
-        self, latent_dim: int, num_classes: int, num_categories: int, image_size: int, channels: int, width: int
+        self, latent_dim: int, num_classes: int, num_categories: int, image_size: int, channels: int, width: int,
+        num_slices: int = 0,
     ) -> None:
         super().__init__()
         self.image_size, self.start, self.width = image_size, math.ceil(image_size / 4), width
         self.class_embed = nn.Embedding(num_classes, latent_dim)
         self.category_embed = nn.Embedding(num_categories, latent_dim)
         self.severity_embed = nn.Embedding(num_categories, latent_dim)
-        self.project = nn.Linear(3 * latent_dim, 2 * width * self.start**2)
-        self.norm1 = _ConditionalBatchNorm(2 * width, 2 * latent_dim)
+        self.slice_embed = nn.Embedding(num_slices, latent_dim) if num_slices > 0 else None
+        condition_dim = (3 if num_slices > 0 else 2) * latent_dim
+        self.project = nn.Linear(latent_dim + condition_dim, 2 * width * self.start**2)
+        self.norm1 = _ConditionalBatchNorm(2 * width, condition_dim)
         self.conv1 = nn.Conv2d(2 * width, width, 3, 1, 1)
-        self.norm2 = _ConditionalBatchNorm(width, 2 * latent_dim)
+        self.norm2 = _ConditionalBatchNorm(width, condition_dim)
         self.conv2 = nn.Conv2d(width, channels, 3, 1, 1)
 
-    def forward(self, z: Tensor, classes: Tensor, categories: Tensor, codes: Tensor) -> Tensor:
+    def forward(self, z: Tensor, classes: Tensor, categories: Tensor, codes: Tensor, slices: Tensor) -> Tensor:
         category = self.category_embed(categories) + codes[:, None] * self.severity_embed(categories)
-        condition = torch.cat([self.class_embed(classes), category], 1)
+        parts = [self.class_embed(classes), category]
+        if self.slice_embed is not None:
+            parts.append(self.slice_embed(slices))
+        condition = torch.cat(parts, 1)
         h = self.project(torch.cat([z, condition], 1)).view(-1, 2 * self.width, self.start, self.start)
         h = self.conv1(F.interpolate(F.relu(self.norm1(h, condition)), scale_factor=2.0))
         out = self.conv2(F.interpolate(F.relu(self.norm2(h, condition)), scale_factor=2.0))
@@ -97,7 +112,9 @@ class _Discriminator(nn.Module):
     is a bag of local patches, and a blank image is made of nothing but realistic background patches.
     """
 
-    def __init__(self, num_classes: int, num_categories: int, image_size: int, channels: int, width: int) -> None:
+    def __init__(
+        self, num_classes: int, num_categories: int, image_size: int, channels: int, width: int, num_slices: int = 0
+    ) -> None:
         super().__init__()
         dim = 4 * width
         side = (image_size // 2) // 2  # after two stride-2 4x4 convolutions with padding 1
@@ -111,14 +128,19 @@ class _Discriminator(nn.Module):
         self.class_embed = spectral_norm(nn.Embedding(num_classes, dim))
         self.category_embed = spectral_norm(nn.Embedding(num_categories, dim))
         self.severity_embed = spectral_norm(nn.Embedding(num_categories, dim))
-        self.aux = nn.Linear(dim, num_classes + num_categories)
+        self.slice_embed = spectral_norm(nn.Embedding(num_slices, dim)) if num_slices > 0 else None
+        self.aux = nn.Linear(dim, num_classes + num_categories + num_slices)
 
-    def forward(self, images: Tensor, classes: Tensor, categories: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, classes: Tensor, categories: Tensor, codes: Tensor, slices: Tensor
+    ) -> tuple[Tensor, Tensor]:
         h = self.features(images * 2 - 1)
         projection = (
             self.class_embed(classes) + self.category_embed(categories)
             + codes[:, None] * self.severity_embed(categories)
         )
+        if self.slice_embed is not None:
+            projection = projection + self.slice_embed(slices)
         return self.realness(h).squeeze(1) + (projection * h).sum(1), self.aux(h)
 
 
@@ -180,6 +202,12 @@ class ConditionalGAN(L.LightningModule):
             adversarial term stops, so that labels do not flip. It holds for training batches; samples
             scatter around it, so leave headroom (margin 1 flipped many Fashion-MNIST samples, 3 did not).
         batch_adapter: how to read ``(images, labels)`` from a batch (default: tuples, lists, dicts).
+        num_slices: values of the slice attribute (integers in ``[0, num_slices)``); 0: no slice condition.
+        slice_key: the name of the slice attribute in a batch's slices (``(x, y, group)`` batches: ``"group"``).
+
+    Attributes:
+        cell_counts: ``(num_classes, max(num_slices, 1))`` real training samples seen per (class, slice) cell
+            (a persistent buffer: it is saved with the weights).
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -197,6 +225,11 @@ class ConditionalGAN(L.LightningModule):
         ((4, 1, 8, 8), True, True)
         >>> tuple(gan.realism(images, torch.tensor([0, 1, 2, 3]), rotation).shape)
         (4,)
+        >>> sliced = ConditionalGAN(latent_dim=8, num_classes=10, categories=["clean"], image_size=8, width=8,
+        ...                         channels=3, num_slices=4)
+        >>> images = sliced.sample(torch.tensor([0, 1]), torch.tensor([0, 0]), slices=torch.tensor([3, 2]))
+        >>> tuple(images.shape), tuple(sliced.classify(images).shape)
+        ((2, 3, 8, 8), (2, 10))
     """
 
     def __init__(
@@ -215,6 +248,8 @@ class ConditionalGAN(L.LightningModule):
         adversarial_weight: float = 0.0,
         adversarial_margin: float = 3.0,
         batch_adapter: BatchAdapter | Callable[[Any], Any] | None = None,
+        num_slices: int = 0,
+        slice_key: str = "group",
     ) -> None:
         super().__init__()
         categories = [CLEAN, *default_bank().names] if categories is None else categories
@@ -223,6 +258,9 @@ class ConditionalGAN(L.LightningModule):
         check_int("image_size", image_size, 4)
         check_int("channels", channels, 1)
         check_int("width", width, 1)
+        check_int("num_slices", num_slices, 0)
+        if not isinstance(slice_key, str) or not slice_key:
+            raise TypeError(f"`slice_key` must be a non-empty string, got {_describe(slice_key)}")
         self.categories: list[str] = _check_categories(categories)
         _check_float("lr", lr, 0.0, inclusive=False)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) for b in betas)):
@@ -243,14 +281,21 @@ class ConditionalGAN(L.LightningModule):
         self.aux_weight, self.adversarial_weight = float(aux_weight), float(adversarial_weight)
         self.adversarial_margin, self.diversity_weight = float(adversarial_margin), float(diversity_weight)
         self.junk_fraction = float(junk_fraction)
+        self.num_slices, self.slice_key = num_slices, slice_key
+        self.cell_counts: Tensor
+        self.register_buffer("cell_counts", torch.zeros(num_classes, max(num_slices, 1)))
         self.batch_adapter = resolve_batch_adapter(batch_adapter)
         self.bank = PerturbationBank([c for c in self.categories if c != CLEAN])
         self.clean_index = self.categories.index(CLEAN)
         top = [0.0 if c == CLEAN else float(self.bank[c].max_severity) for c in self.categories]
         self._top_severity: Tensor
         self.register_buffer("_top_severity", torch.tensor(top), persistent=False)
-        self.generator = _Generator(latent_dim, num_classes, len(self.categories), image_size, channels, width)
-        self.discriminator = _Discriminator(num_classes, len(self.categories), image_size, channels, width)
+        self.generator = _Generator(
+            latent_dim, num_classes, len(self.categories), image_size, channels, width, num_slices
+        )
+        self.discriminator = _Discriminator(
+            num_classes, len(self.categories), image_size, channels, width, num_slices
+        )
         # The task model is held outside the module tree: it is not ours to save, move, or wrap in DDP.
         self._task_model: tuple[nn.Module, ...] = ()
 
@@ -276,9 +321,12 @@ class ConditionalGAN(L.LightningModule):
         return float(self._top_severity[category])
 
     @override
-    def forward(self, z: Tensor, classes: Tensor, categories: Tensor, severities: Tensor) -> Tensor:
-        """Images in [0, 1] from noise ``(B, latent_dim)`` and conditions ``(B,)`` each."""
-        return self.generator(z, classes, categories, self._codes(categories, severities))
+    def forward(
+        self, z: Tensor, classes: Tensor, categories: Tensor, severities: Tensor, slices: Tensor | None = None
+    ) -> Tensor:
+        """Images in [0, 1] from noise ``(B, latent_dim)`` and conditions ``(B,)`` each (slices: default 0)."""
+        slices = self._slices(slices, len(classes))
+        return self.generator(z, classes, categories, self._codes(categories, severities), slices)
 
     @torch.no_grad()
     def sample(
@@ -287,8 +335,9 @@ class ConditionalGAN(L.LightningModule):
         categories: Tensor,
         generator: torch.Generator | None = None,
         severities: float | Tensor | None = None,
+        slices: Tensor | None = None,
     ) -> Tensor:
-        """Draw one image per ``(class, category)`` pair (generator in eval mode).
+        """Draw one image per ``(class, category[, slice])`` condition (generator in eval mode).
 
         Args:
             classes: ``(N,)`` class indices.
@@ -296,6 +345,7 @@ class ConditionalGAN(L.LightningModule):
             generator: a CPU RNG for the noise; same seed, same images.
             severities: per-sample severities ``(N,)`` or one for all; default: the middle of each
                 perturbation's ladder. Ignored for ``"clean"``.
+            slices: ``(N,)`` slice values (GANs built with ``num_slices > 0``); default 0.
 
         Returns:
             ``(N, channels, image_size, image_size)`` images in [0, 1], on the GAN's device.
@@ -304,19 +354,33 @@ class ConditionalGAN(L.LightningModule):
         sev = self._severities(categories, severities)
         z = torch.randn(len(classes), self.latent_dim, generator=generator).to(self.device)
         with _eval_mode(self.generator):
-            return self(z, classes, categories, sev)
+            return self(z, classes, categories, sev, slices)
 
     @torch.no_grad()
     def realism(
-        self, images: Tensor, classes: Tensor, categories: Tensor, severities: float | Tensor | None = None
+        self, images: Tensor, classes: Tensor, categories: Tensor, severities: float | Tensor | None = None,
+        slices: Tensor | None = None,
     ) -> Tensor:
         """Discriminator's probability ``(N,)`` in [0, 1] that each image is a real one of its conditions."""
         classes, categories = self._check_conditions(classes, categories)
         self._check_images(images, len(classes))
         sev = self._severities(categories, severities)
+        codes, slices = self._codes(categories, sev), self._slices(slices, len(classes))
         with _eval_mode(self.discriminator):
-            logits, _ = self.discriminator(images.to(self.device), classes, categories, self._codes(categories, sev))
+            logits, _ = self.discriminator(images.to(self.device), classes, categories, codes, slices)
         return torch.sigmoid(logits)
+
+    @torch.no_grad()
+    def classify(self, images: Tensor) -> Tensor:
+        """Class logits ``(N, num_classes)`` of the discriminator's auxiliary head (trained on real images only).
+
+        A class check independent of the task model: on the slices the task model gets wrong, the task model
+        would reject exactly the samples that are needed.
+        """
+        self._check_images(images, len(images))
+        with _eval_mode(self.discriminator):
+            h = self.discriminator.features(images.to(self.device) * 2 - 1)
+            return self.discriminator.aux(h)[:, : self.num_classes]
 
     def perturb_randomly(
         self, images: Tensor, generator: torch.Generator | None = None
@@ -348,8 +412,11 @@ class ConditionalGAN(L.LightningModule):
         batch_size: int = 64,
         generator: torch.Generator | None = None,
         optimizers: Sequence[Optimizer] | None = None,
+        slices: Tensor | None = None,
     ) -> list[Optimizer]:
         """Train ``steps`` steps on in-memory data without a Trainer; deterministic given ``generator``.
+
+        ``slices`` ``(N,)``: the slice value of every image (needed when ``num_slices > 0``).
 
         Batches are drawn with replacement from ``images``/``labels`` with ``generator``, so processes that
         share the data and the RNG state end with identical weights (no gradient sync needed).
@@ -360,13 +427,18 @@ class ConditionalGAN(L.LightningModule):
         check_int("steps", steps, 0)
         check_int("batch_size", batch_size, 1)
         self._check_images(images, len(labels))
+        if self.num_slices > 0 and (slices is None or len(slices) != len(labels)):
+            raise ValueError(f"This GAN is conditioned on {self.num_slices} slices: pass `slices` with one value "
+                             f"per image ({len(labels)}), got {_describe(slices)}")
         opts = list(optimizers) if optimizers is not None else self.configure_optimizers()
         was_training = self.training
         self.train()
         try:
             for _ in range(steps):
                 idx = torch.randint(len(labels), (batch_size,), generator=generator)
-                self._step(images[idx].to(self.device), labels[idx].to(self.device), opts, Tensor.backward, generator)
+                batch_slices = slices[idx].to(self.device) if slices is not None else None
+                self._step(images[idx].to(self.device), labels[idx].to(self.device), batch_slices, opts,
+                           Tensor.backward, generator)
         finally:
             self.train(was_training)
         return opts
@@ -381,9 +453,15 @@ class ConditionalGAN(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         view = self.batch_adapter.unpack(batch)
         self._check_images(view.inputs, len(view.targets))
+        slices = None
+        if self.num_slices > 0:
+            if self.slice_key not in view.slices:
+                raise KeyError(f"This GAN is conditioned on slice {self.slice_key!r}, but the batch has slices "
+                               f"{sorted(view.slices)}; yield (x, y, {{{self.slice_key!r}: values}}) batches.")
+            slices = view.slices[self.slice_key].long()
         optimizers = self.optimizers()
         assert isinstance(optimizers, list)  # configure_optimizers returns two
-        losses = self._step(view.inputs, view.targets, optimizers, self.manual_backward, None)
+        losses = self._step(view.inputs, view.targets, slices, optimizers, self.manual_backward, None)
         self.log_dict({f"gan/{k}": v for k, v in losses.items()}, batch_size=len(view.targets))
 
     # ---------------------------------------------------------------------------------------- internals
@@ -391,30 +469,36 @@ class ConditionalGAN(L.LightningModule):
         self,
         images: Tensor,
         labels: Tensor,
+        slices: Tensor | None,
         optimizers: Sequence[Any],
         backward: Callable[..., Any],
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         opt_d, opt_g = optimizers
+        slices = self._slices(slices, len(labels))
+        with torch.no_grad():
+            self.cell_counts.index_put_((labels, slices), torch.ones_like(labels, dtype=self.cell_counts.dtype),
+                                        accumulate=True)
         real, categories, severities = self.perturb_randomly(images, generator)
         codes = self._codes(categories, severities)
         # Fakes come in pairs (i, i + half) that share their conditions, for the mode-seeking term.
         pair = torch.arange(len(labels), device=self.device) % ((len(labels) + 1) // 2)
-        conditions = (labels[pair], categories[pair], codes[pair])
+        conditions = (labels[pair], categories[pair], codes[pair], slices[pair])
         z = torch.randn(len(labels), self.latent_dim, generator=generator).to(self.device)
         fake = self.generator(z, *conditions)
         # Under DDP without unused-parameter detection every backward must reach every parameter.
         full_graph = self._ddp_needs_full_graph()
 
-        real_logit, real_aux = self.discriminator(real, labels, categories, codes)
+        real_logit, real_aux = self.discriminator(real, labels, categories, codes, slices)
         fake_logit, _ = self.discriminator(fake if full_graph else fake.detach(), *conditions)
         junk = make_junk(images, math.ceil(self.junk_fraction * len(labels)), generator)
-        junk_logit, _ = self.discriminator(junk, labels[: len(junk)], categories[: len(junk)], codes[: len(junk)])
+        n = len(junk)
+        junk_logit, _ = self.discriminator(junk, labels[:n], categories[:n], codes[:n], slices[:n])
         loss_d = (
             F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
             + F.binary_cross_entropy_with_logits(torch.cat([fake_logit, junk_logit]),
                                                  torch.zeros(len(fake_logit) + len(junk_logit), device=self.device))
-            + self.aux_weight * self._aux_loss(real_aux, labels, categories)
+            + self.aux_weight * self._aux_loss(real_aux, labels, categories, slices)
         )
         opt_d.zero_grad()
         backward(loss_d, **({"retain_graph": True} if full_graph else {}))  # G's graph is reused below
@@ -427,15 +511,16 @@ class ConditionalGAN(L.LightningModule):
         return {"loss_d": loss_d.detach(), **{k: v.detach() for k, v in loss_g.items()}}
 
     def _generator_loss(
-        self, fake: Tensor, z: Tensor, labels: Tensor, categories: Tensor, codes: Tensor, freeze_d: bool
+        self, fake: Tensor, z: Tensor, labels: Tensor, categories: Tensor, codes: Tensor, slices: Tensor,
+        freeze_d: bool,
     ) -> dict[str, Tensor]:
         self.discriminator.requires_grad_(not freeze_d)
         try:
-            logit, aux = self.discriminator(fake, labels, categories, codes)
+            logit, aux = self.discriminator(fake, labels, categories, codes, slices)
         finally:
             self.discriminator.requires_grad_(True)
         loss = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
-        loss = loss + self.aux_weight * self._aux_loss(aux, labels, categories)
+        loss = loss + self.aux_weight * self._aux_loss(aux, labels, categories, slices)
         out = {"mode_seeking": mode_seeking_loss(fake, z)}
         loss = loss + self.diversity_weight * out["mode_seeking"]
         if self.adversarial_weight > 0 and self.task_model is not None:
@@ -454,9 +539,25 @@ class ConditionalGAN(L.LightningModule):
             logits = functional_call(model, params, (fake.to(device),))
         return margin_hinge(logits, labels.to(device), self.adversarial_margin).to(fake.device)
 
-    def _aux_loss(self, aux: Tensor, labels: Tensor, categories: Tensor) -> Tensor:
-        num_classes = self.num_classes
-        return F.cross_entropy(aux[:, :num_classes], labels) + F.cross_entropy(aux[:, num_classes:], categories)
+    def _aux_loss(self, aux: Tensor, labels: Tensor, categories: Tensor, slices: Tensor) -> Tensor:
+        num_classes, num_categories = self.num_classes, len(self.categories)
+        loss = F.cross_entropy(aux[:, :num_classes], labels)
+        loss = loss + F.cross_entropy(aux[:, num_classes : num_classes + num_categories], categories)
+        if self.num_slices > 0:
+            loss = loss + F.cross_entropy(aux[:, num_classes + num_categories :], slices)
+        return loss
+
+    def _slices(self, slices: Tensor | None, n: int) -> Tensor:
+        """Checked slice values ``(n,)`` on the GAN's device; zeros when ``None``."""
+        if slices is None:
+            return torch.zeros(n, dtype=torch.long, device=self.device)
+        if not isinstance(slices, Tensor) or slices.ndim != 1 or slices.is_floating_point() or len(slices) != n:
+            raise TypeError(f"`slices` must be a 1-D integer tensor of length {n}, got {_describe(slices)}")
+        limit = max(self.num_slices, 1)
+        if len(slices) and (int(slices.min()) < 0 or int(slices.max()) >= limit):
+            raise ValueError(f"`slices` must be in [0, {limit}), got values in [{int(slices.min())}, "
+                             f"{int(slices.max())}]")
+        return slices.long().to(self.device)
 
     def _severities(self, categories: Tensor, severities: float | Tensor | None) -> Tensor:
         top = self._top_severity[categories]

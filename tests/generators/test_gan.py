@@ -73,6 +73,8 @@ def weakness(kind: WeaknessKind, name: str, gap: float, **kwargs: Any) -> Weakne
         ({"adversarial_weight": float("nan")}, ValueError, "`adversarial_weight` must be finite"),
         ({"adversarial_margin": -0.5}, ValueError, "`adversarial_margin` must be finite and >= 0"),
         ({"batch_adapter": 3}, TypeError, "`batch_adapter` must be"),
+        ({"num_slices": -1}, ValueError, "`num_slices` must be >= 0"),
+        ({"slice_key": ""}, TypeError, "`slice_key` must be a non-empty string"),
     ],
 )
 def test_bad_gan_arguments_raise(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -91,6 +93,7 @@ def test_bad_gan_arguments_raise(kwargs: dict[str, Any], error: type[Exception],
         ({"max_rounds": 0}, ValueError, "`max_rounds` must be >= 1"),
         ({"train_steps": -1}, ValueError, "`train_steps` must be >= 0"),
         ({"batch_size": 2.0}, TypeError, "`batch_size` must be an int"),
+        ({"class_check": "judge"}, ValueError, "`class_check` must be one of"),
     ],
 )
 def test_bad_generator_arguments_raise(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -265,7 +268,8 @@ def test_quality_filter_drops_junk(trained_gan: ConditionalGAN, digits: tuple[Te
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     gan = copy.deepcopy(trained_gan)
 
-    def junk_for_odd_classes(images: Tensor, classes: Tensor, categories: Tensor, severities: Any = None) -> Tensor:
+    def junk_for_odd_classes(images: Tensor, classes: Tensor, categories: Tensor, severities: Any = None,
+                             slices: Any = None) -> Tensor:
         return torch.where(classes % 2 == 1, 0.1, 0.9)
 
     monkeypatch.setattr(gan, "realism", junk_for_odd_classes)
@@ -288,7 +292,7 @@ def test_state_round_trip_gives_the_same_gan(trained_gan: ConditionalGAN, digits
     resumed.load_state_dict(state)
     a, b = (g.generate(profile, 8, context(digits, seed=2)) for g in (original, resumed))
     assert torch.equal(a.inputs, b.inputs)  # same weights and same Adam state through two more steps
-    assert json.dumps(sorted(state)) == json.dumps(["gan", "optimizers"])
+    assert json.dumps(sorted(state)) == json.dumps(["gan", "optimizers", "train_calls"])
 
 
 _DDP_SCRIPT = """

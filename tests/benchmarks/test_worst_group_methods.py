@@ -1,0 +1,71 @@
+"""The worst-group benchmark's methods added for issue 14: DFR, recolour_uniform, the GAN headline, paired CIs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from benchmarks import worst_group
+from benchmarks.worst_group import (
+    LAYOUT,
+    ColouredFashionMNISTDataModule,
+    UniformRecolour,
+    paired_differences,
+    tint,
+)
+from lightning_synth.generators.base import GenerationContext
+from lightning_synth.profile import WeaknessProfile
+
+TINY = ["--epochs", "1", "--train-size", "256", "--val-size", "200", "--heldout-size", "300", "--test-size", "300",
+        "--batch-size", "64", "--width", "8", "--accelerator", "cpu", "--gan-steps", "4", "--gan-width", "4",
+        "--plugins"]
+
+
+def test_heldout_split_is_disjoint_and_colour_independent() -> None:
+    dm = ColouredFashionMNISTDataModule(val_size=500, heldout_size=2000, train_size=1000, seed=0)
+    dm.setup("fit")
+    assert dm.heldout_set is not None and dm.train_set is not None and dm.val_set is not None
+    assert len(dm.heldout_set) == 2000 and len(dm.train_set) == 1000
+    agree = float((dm.heldout_set.colours == dm.heldout_set.labels % 10).float().mean())
+    assert agree < 0.2  # independent colours (about 0.1), unlike training's 0.95
+    x, y, slices = next(iter(dm.heldout_dataloader(batch_size=8)))
+    assert x.shape == (8, 3, 28, 28) and set(slices) == {"group", "colour"}
+    assert torch.equal(slices["group"], LAYOUT.group(y, slices["colour"]))
+    with pytest.raises(RuntimeError, match="heldout_size > 0"):
+        no_heldout = ColouredFashionMNISTDataModule(val_size=500, train_size=100)
+        no_heldout.setup("fit")
+        no_heldout.heldout_dataloader()
+
+
+def test_uniform_recolour_keeps_labels_and_spreads_colours() -> None:
+    grey, labels = torch.rand(64, 1, 28, 28), torch.arange(64) % 10
+    context = GenerationContext(tint(grey, labels % 10), labels, 10, torch.Generator().manual_seed(0))
+    batch = UniformRecolour().generate(WeaknessProfile(), 400, context)
+    colours = batch.inputs.amax((2, 3)).argmax(1)  # the brightest channel says red/green/blue-ish
+    assert len(batch) == 400 and len(set(colours.tolist())) == 3 and set(batch.targets.tolist()) == set(range(10))
+
+
+def test_paired_differences_need_two_shared_seeds() -> None:
+    runs = {"a": {0: {"m": 0.5}, 1: {"m": 0.7}, 2: {"m": 0.6}}, "b": {0: {"m": 0.4}, 2: {"m": 0.5}}, "c": {0: {"m": 0}}}
+    [row] = paired_differences(runs, [("a", "b"), ("a", "c"), ("a", "missing")], ["m"])
+    assert row["n"] == 2 and row["pair"] == "a - b" and row["mean"] == pytest.approx(0.1)
+    assert row["low"] == pytest.approx(0.1) == row["high"]  # identical differences: a zero-width interval
+
+
+@pytest.mark.slow
+def test_worst_group_new_methods_smoke(tmp_path: Path) -> None:
+    worst_group.main([*TINY, "--seeds", "0", "1", "--methods", "dfr", "recolour_uniform", "lightning_synth",
+                      "--gan-slice", "colour", "--results-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "worst_group.json").read_text())
+    assert set(saved["summary"]) == {"dfr", "recolour_uniform", "lightning_synth"}
+    run = saved["runs"]["lightning_synth"]["0"]
+    assert run["info"]["gan_steps"] == 4 and run["info"]["gan_seconds"] > 0
+    assert saved["summary"]["lightning_synth"]["extra_seconds"]["mean"] > 0
+    pairs = {(p["pair"], p["metric"]) for p in saved["paired"]}
+    assert ("lightning_synth - dfr", "worst_decile") in pairs and all(p["n"] == 2 for p in saved["paired"])
