@@ -99,7 +99,7 @@ class MixingChains(Callback):
         >>> chains.update(WeaknessProfile(weaknesses=[Weakness(kind="perturbation", name="gaussian_noise",
         ...     severity=3, error_rate=0.6, gap=0.5, support=64)]))
         >>> [round(p, 3) for p in chains.probabilities().tolist()]
-        [0.376, 0.624]
+        [0.439, 0.561]
     """
 
     def __init__(

@@ -45,7 +45,7 @@ def test_group_dro_update_tilts_to_weak_perturbations_with_a_floor():
     for epoch in range(20):
         chains.update(_profile("gaussian_noise", 0.5, epoch))
     probs = chains.probabilities()
-    assert probs[1] > 0.8 and float(probs.min()) >= 0.5 / 3 - 1e-6
+    assert probs[1] > 0.6 and float(probs.min()) >= 0.5 / 3 - 1e-6
     assert float(probs.sum()) == pytest.approx(1.0)
     untargeted = MixingChains(["rotation", "gaussian_noise"], floor=1.0)
     untargeted.update(_profile("gaussian_noise", 0.9))
