@@ -67,7 +67,7 @@ def bank_names(ctx: MethodContext) -> list[str] | None:
     return [n for n in default_bank().names if n not in excluded] if excluded else None
 
 
-def _generators(ctx: MethodContext, gan: bool, scenarios: bool, targeted: bool, class_bias: float,
+def _generators(ctx: MethodContext, gan: bool, scenarios: bool, targeted: bool, class_bias: float | None,
                 floor: float | None) -> list[SyntheticGenerator]:
     if ctx.task == "worst_group":
         # The failure here is a slice failure (class x colour): scenario generation realises the weak slices
@@ -77,8 +77,10 @@ def _generators(ctx: MethodContext, gan: bool, scenarios: bool, targeted: bool, 
     if not targeted:
         return [UniformBank(names)]
     count = len(names) if names is not None else len(default_bank())
-    kwargs = {} if floor is None else {"min_share": floor / count}
-    generators: list[SyntheticGenerator] = [TargetedAugmentation(names, class_bias=class_bias, **kwargs)]
+    kwargs: dict[str, float] = {} if floor is None else {"min_share": floor / count}
+    if class_bias is not None:
+        kwargs["class_bias"] = class_bias
+    generators: list[SyntheticGenerator] = [TargetedAugmentation(names, **kwargs)]
     if scenarios:
         generators.append(ScenarioGenerator(names, scenarios=ctx.extras.get("scenarios")))
     if gan:
@@ -90,7 +92,7 @@ def _generators(ctx: MethodContext, gan: bool, scenarios: bool, targeted: bool, 
 def lightning_synth_method(
     name: str, gan: bool = True, scenarios: bool = True, adaptive: bool = True, description: str = "",
     targeted: bool = True, consistency: bool = False, budget_fraction: float = 1 / 3, weight: float = 0.75,
-    class_bias: float = 0.5, floor: float = 0.5, pool: bool = True, generator_floor: float | None = None,
+    class_bias: float | None = None, floor: float = 0.5, pool: bool = True, generator_floor: float | None = None,
 ) -> Method:
     """A lightning_synth variant.
 
@@ -103,7 +105,7 @@ def lightning_synth_method(
             (:class:`~lightning_synth.consistency.MixingChains`, targeted with uniform ``floor``).
         budget_fraction: synthetic samples per refresh as a fraction of the real training set (pool 2x).
         weight: initial synthetic weight.
-        class_bias: share of targeted sources drawn from weak classes.
+        class_bias: share of targeted sources drawn from weak classes (``None``: the generator's default).
         generator_floor: share of the targeted generator's draw kept uniform over perturbations (its
             ``min_share`` times the bank size); ``None`` keeps the generator's default.
         pool: ``False`` trains on the real data only (no SyntheticDataModule): consistency alone.
