@@ -67,8 +67,8 @@ def bank_names(ctx: MethodContext) -> list[str] | None:
     return [n for n in default_bank().names if n not in excluded] if excluded else None
 
 
-def _generators(ctx: MethodContext, gan: bool, scenarios: bool, targeted: bool, class_bias: float | None,
-                floor: float | None) -> list[SyntheticGenerator]:
+def _generators(ctx: MethodContext, gan: bool, scenarios: bool, targeted: bool, class_bias: float | None
+                ) -> list[SyntheticGenerator]:
     if ctx.task == "worst_group":
         # The failure here is a slice failure (class x colour): scenario generation realises the weak slices
         # with the task's re-colouring scenario; perturbations and a GAN of the biased data do not address it.
@@ -76,8 +76,7 @@ def _generators(ctx: MethodContext, gan: bool, scenarios: bool, targeted: bool, 
     names = bank_names(ctx)
     if not targeted:
         return [UniformBank(names)]
-    count = len(names) if names is not None else len(default_bank())
-    kwargs: dict[str, float] = {} if floor is None else {"min_share": floor / count}
+    kwargs: dict[str, float] = {}
     if class_bias is not None:
         kwargs["class_bias"] = class_bias
     generators: list[SyntheticGenerator] = [TargetedAugmentation(names, **kwargs)]
@@ -92,7 +91,7 @@ def _generators(ctx: MethodContext, gan: bool, scenarios: bool, targeted: bool, 
 def lightning_synth_method(
     name: str, gan: bool = True, scenarios: bool = True, adaptive: bool = True, description: str = "",
     targeted: bool = True, consistency: bool = False, budget_fraction: float = 1 / 3, weight: float = 0.75,
-    class_bias: float | None = None, floor: float = 0.5, pool: bool = True, generator_floor: float | None = None,
+    class_bias: float | None = None, floor: float = 0.5,
 ) -> Method:
     """A lightning_synth variant.
 
@@ -106,19 +105,14 @@ def lightning_synth_method(
         budget_fraction: synthetic samples per refresh as a fraction of the real training set (pool 2x).
         weight: initial synthetic weight.
         class_bias: share of targeted sources drawn from weak classes (``None``: the generator's default).
-        generator_floor: share of the targeted generator's draw kept uniform over perturbations (its
-            ``min_share`` times the bank size); ``None`` keeps the generator's default.
-        pool: ``False`` trains on the real data only (no SyntheticDataModule): consistency alone.
     """
 
     def wrap(datamodule: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
-        if not pool:
-            return datamodule
         worst_group = ctx.task == "worst_group"
         budget = max(256, round(ctx.train_size * (0.5 if worst_group else budget_fraction)))
         # The datamodule owns the sampler; a huge temperature makes its weights uniform (the ablation).
         return SyntheticDataModule(
-            datamodule, generators=_generators(ctx, gan, scenarios, targeted, class_bias, generator_floor),
+            datamodule, generators=_generators(ctx, gan, scenarios, targeted, class_bias),
             synthetic_budget=budget,
             max_pool_samples=2 * budget, real_cache_size=8192,
             initial_synthetic_weight=1.0 if worst_group else weight, seed=ctx.seed,
@@ -138,8 +132,7 @@ def lightning_synth_method(
         out: list[Callback] = []
         if targeted:
             out.append(FailureModeCallback(bank_names(ctx), max_samples=256, seed=ctx.seed, max_groups=groups))
-        if pool:
-            out.append(AdaptiveSampling(seed=ctx.seed))
+        out.append(AdaptiveSampling(seed=ctx.seed))
         if consistency and targeted:
             out.append(chains[ctx.seed])
         return out
@@ -172,24 +165,18 @@ def uniform_method(name: str = "uniform") -> Method:
 VARIANTS: list[tuple[str, Callable[[], Method]]] = [
     ("uniform", uniform_method),
     ("augmix", augmix_method),
+    # The row a user gets from the README quick start: the default generators and sampler, plus the opt-in
+    # consistency objective (MixingChains views of each batch, JSD; 3 forward passes). On the validation
+    # corruptions it beat the same system without consistency by 4.5 points mean and 6.5 worst (seed 0).
     ("lightning_synth", lambda: lightning_synth_method(
-        "lightning_synth", gan=False,
-        description="the defaults: targeted augmentation + scenarios, adaptive sampling")),
+        "lightning_synth", gan=False, consistency=True,
+        description="defaults (targeted + scenarios, adaptive sampling) + targeted mixing-chain JSD consistency")),
+    ("ls_no_consistency", lambda: lightning_synth_method(
+        "ls_no_consistency", gan=False,
+        description="ablation: the defaults without the consistency objective")),
     ("uniform_share", lambda: lightning_synth_method(
-        "uniform_share", gan=False, targeted=False,
-        description="lightning_synth's pool, share and budget with the bank at random: no targeting")),
-    ("ls_gan", lambda: lightning_synth_method("ls_gan", description="ablation: with the GAN generator")),
-    # exploration variants (chosen on the validation corruptions)
-    ("ls_jsd", lambda: lightning_synth_method("ls_jsd", gan=False, consistency=True,
-                                              description="lightning_synth + targeted mixing-chain JSD")),
-    ("ls_jsd_uniform", lambda: lightning_synth_method(
-        "ls_jsd_uniform", gan=False, consistency=True, targeted=False,
-        description="uniform_share + untargeted mixing-chain JSD")),
-    ("ls_floor", lambda: lightning_synth_method(
-        "ls_floor", gan=False, generator_floor=0.5, description="lightning_synth, half the draw uniform over ops")),
-    ("targeted_augmix", lambda: lightning_synth_method(
-        "targeted_augmix", gan=False, consistency=True, pool=False,
-        description="AugMix with chains tilted to the profile (no synthetic pool)")),
+        "uniform_share", gan=False, consistency=True, targeted=False,
+        description="lightning_synth's pool, share, budget and JSD with the bank at random: no targeting")),
 ]
 
 for _name, _make in VARIANTS:

@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 parts = [f"{k} mean {result[k]['mean_corrupted']:.4f} worst {result[k]['worst_corruption']['acc']:.4f}"
                          for k in splits]
                 print(f"{method.name} seed {seed}: clean {result['clean']:.4f}, {'; '.join(parts)}, "
-                      f"{stats['train_seconds']:.1f}s", flush=True)
+                      f"{stats['train_seconds']:.1f}s ({stats['train_cpu_seconds']:.1f} cpu s)", flush=True)
                 if args.export_dir is not None and seed == args.seeds[0]:
                     export_torchscript(model, args.export_dir / f"{method.name}.pt")
         # Leave-one-family-out: bank methods retrain without the family; the others keep their main-run models.
