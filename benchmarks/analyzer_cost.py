@@ -1,65 +1,63 @@
 # python -m benchmarks.analyzer_cost
-# (from the repository root; ~6 min on 2 shared cores; e.g. --repeats 5 --fit-settings default cheap)
-"""What FailureModeCallback costs: validation and fit wall time with vs without it, side by side in one run.
+# (from the repository root; ~5 min on 2 shared cores)
+"""What FailureModeCallback costs, and how its cheaper probing agrees with a full sweep.
 
-Fashion-MNIST, :class:`~lightning_synth.demos.ImageClassifier` (``arch="cnn"``), CPU. Each repeat times, in
-turn, ``trainer.validate`` with no callback and then with the analyzer at each setting (so drift on a shared
-machine hits every variant alike), and likewise one training epoch plus its end-of-epoch validation
-(``trainer.fit``, ``max_epochs=1``, every variant from the same initial weights): the overhead a user feels.
-Reported per variant: the median wall time, the ratio of medians to the no-callback run, the median of the
-per-repeat (paired) ratios and the seconds the analyzer adds. An untimed warm-up runs first.
+Fashion-MNIST, :class:`~lightning_synth.demos.ImageClassifier` (``arch="cnn"``), CPU. A model is trained for
+``--checkpoints`` epochs; after each epoch (a checkpoint) three validations run on the same weights, in turn:
 
-Analyzer settings: ``default`` is ``FailureModeCallback()`` (max_samples=256, all 9 perturbations x 5
-severities = 11,520 extra forwards); ``large`` is max_samples=512 (23,040); ``cheap`` is max_samples=256,
-severities 1, 3, 5 (6,912). Validation
-is timed with every setting, fit with ``--fit-settings`` (default: ``default`` only, to keep the run short).
-The analyzer's cost is fixed by ``max_samples`` while validation's grows with ``--val-size``, so the ratio
-falls as the validation set grows. ``--threads 1`` (default) because on a small shared CPU one thread is
-faster and steadier than torch's default; pass ``--threads 0`` for torch's own choice.
+- ``none``: ``trainer.validate`` without the analyzer (the baseline);
+- ``full``: ``FailureModeCallback(full_sweep_every=1, sequential=False)``: every perturbation x severity on
+  ``max_samples`` samples (9 x 5 x 256 = 11,520 extra forwards), the reference profile;
+- ``cheap``: ``FailureModeCallback()`` at its defaults (sequential stopping, severities around the last
+  frontier, a full sweep every 5 analyses), one instance carried across the checkpoints as during training.
 
-Writes ``<results-dir>/analyzer_cost.json`` (machine info, the command, all timings) and prints a table.
+Reported per checkpoint and as medians: wall seconds, probe forwards, the ratio to ``none``, and the agreement
+of ``cheap`` with ``full`` on the same weights: Spearman rank correlation of the gaps of ``full``'s top-20
+weaknesses (all kinds) and the largest frontier difference over perturbations (a frontier never reached counts
+as the top severity). Both analyzers use the same probe seed, so a cell probed on all samples is identical.
+``--threads 1`` (default): on a small shared CPU one thread is faster and steadier than torch's default.
+
+Writes ``<results-dir>/analyzer_cost.json``, the cheap profile's heatmap at the last checkpoint
+(``analyzer_cost.png``) and its frontier chart over the checkpoints (``analyzer_cost.frontier.png``), and prints
+a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import RESULTS_DIR, format_table, machine_info, quiet_lightning, write_json
 from lightning_synth.callbacks.failure_mode import FailureModeCallback
 from lightning_synth.datasets import FashionMNISTDataModule
 from lightning_synth.demos import ImageClassifier
+from lightning_synth.profile import WeaknessProfile
+from lightning_synth.report import render_frontier_chart, render_heatmap
 
-BASELINE = "none"
-SETTINGS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "large": {"max_samples": 512},
-    "cheap": {"max_samples": 256, "severities": [1, 3, 5]},
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {"full_sweep_every": 1, "sequential": False},
+    "cheap": {},
 }
+TOP_K = 20
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--val-size", type=int, default=5000, help="validation samples")
-    parser.add_argument("--train-size", type=int, default=10000, help="training samples of the fit measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of every variant")
+    parser.add_argument("--val-size", type=int, default=2000, help="validation samples")
+    parser.add_argument("--train-size", type=int, default=10000, help="training samples")
+    parser.add_argument("--checkpoints", type=int, default=4, help="training epochs, one checkpoint after each")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--fit-settings", nargs="*", default=["default"], choices=list(SETTINGS),
-                        help="analyzer settings of the fit measurement (none: skip it)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch's default); 1 is faster and steadier on a shared box")
     parser.add_argument("--seed", type=int, default=0)
@@ -67,114 +65,73 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 < args.val_size < 60000:
         raise ValueError(f"`--val-size` must be in (0, 60000), got {args.val_size}")
-    for flag, value in (("--train-size", args.train_size), ("--repeats", args.repeats),
+    for flag, value in (("--train-size", args.train_size), ("--checkpoints", args.checkpoints),
                         ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"`{flag}` must be >= 1, got {value}")
-    for flag, names in (("--settings", args.settings), ("--fit-settings", args.fit_settings)):
-        if len(set(names)) != len(names):
-            raise ValueError(f"`{flag}` must not repeat a name, got {names}")
     if args.threads < 0:
         raise ValueError(f"`--threads` must be >= 0, got {args.threads}")
     return args
 
 
-def make_callbacks(setting: str) -> list[FailureModeCallback]:
-    return [] if setting == BASELINE else [FailureModeCallback(**SETTINGS[setting])]
-
-
-def make_trainer(root: str, callbacks: Sequence[Callback], **kwargs: Any) -> L.Trainer:
-    callbacks = list[Callback](callbacks)
+def make_trainer(root: str, callbacks: Sequence[Any], **kwargs: Any) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=root, callbacks=callbacks, **kwargs,
+        enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=root, callbacks=list(callbacks),
+        **kwargs,
     )
 
 
-def check_profiled(callbacks: list[FailureModeCallback], what: str) -> None:
-    # A silently inactive analyzer would make a ratio of 1.0 look like a result.
-    for cb in callbacks:
-        if cb.profile is None:
-            raise RuntimeError(f"FailureModeCallback built no profile during {what}: the timing is not valid")
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties).
+
+    Example:
+        >>> spearman([1, 2, 3], [10, 20, 30]), spearman([1, 2, 3], [3, 2, 1])
+        (1.0, -1.0)
+    """
+    def ranks(x: Sequence[float]) -> list[float]:
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        out = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else 1.0
 
 
-def time_validate(model: ImageClassifier, dm: FashionMNISTDataModule, setting: str, root: str,
-                  **kwargs: Any) -> float:
-    callbacks = make_callbacks(setting)
-    trainer = make_trainer(root, callbacks, **kwargs)
+def agreement(cheap: WeaknessProfile, full: WeaknessProfile, top_severity: float) -> dict[str, Any]:
+    """Top-20 rank correlation of gaps (``full``'s top 20) and the largest frontier difference."""
+    keys = [w.key for w in full.weaknesses[:TOP_K]]
+    gaps = {w.key: w.gap for w in cheap.weaknesses}
+    missing = [k for k in keys if k not in gaps]
+    rho = spearman([full.get(k).gap for k in keys], [gaps.get(k, -1.0) for k in keys])
+    diffs = {n: abs((cheap.frontier.get(n) or top_severity) - (f if f is not None else top_severity))
+             for n, f in full.frontier.items()}
+    worst = max(diffs, key=lambda n: diffs[n])
+    return {"top20_spearman": rho, "max_frontier_diff": diffs[worst], "max_frontier_diff_at": worst,
+            "frontier_diffs": diffs, "missing_in_cheap": missing}
+
+
+def run_validate(model: ImageClassifier, dm: FashionMNISTDataModule, root: str,
+                 cb: FailureModeCallback | None) -> tuple[float, int]:
+    before = cb.probe_forwards if cb is not None else 0
+    trainer = make_trainer(root, [cb] if cb is not None else [])
     start = time.perf_counter()
     trainer.validate(model, datamodule=dm, verbose=False)
     seconds = time.perf_counter() - start
-    check_profiled(callbacks, "validate")
-    return seconds
-
-
-def time_fit(init: ImageClassifier, dm: FashionMNISTDataModule, setting: str, root: str,
-             **kwargs: Any) -> tuple[float, ImageClassifier]:
-    model = copy.deepcopy(init)
-    callbacks = make_callbacks(setting)
-    trainer = make_trainer(root, callbacks, max_epochs=1, **kwargs)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    seconds = time.perf_counter() - start
-    check_profiled(callbacks, "fit")
-    return seconds, model
-
-
-def warm_up(init: ImageClassifier, dm: FashionMNISTDataModule, root: str) -> None:
-    """Untimed: first-call costs (allocator, kernels of every perturbation) would otherwise land on repeat 1."""
-    print("warm-up (untimed)", flush=True)
-    cb = FailureModeCallback(max_samples=16)
-    trainer = make_trainer(root, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=1)
-    trainer.fit(copy.deepcopy(init), datamodule=dm)
-    check_profiled([cb], "warm-up")
-
-
-def interleaved(variants: Sequence[str], repeats: int, run: Callable[[str], float]) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(repeats):
-        for variant in variants:
-            times[variant].append(run(variant))
-            print(f"  repeat {r + 1}/{repeats} {variant:<8} {times[variant][-1]:7.2f} s", flush=True)
-    return times
-
-
-def summarize_phase(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
-    base = times[BASELINE]
-    base_median = statistics.median(base)
-    out = {}
-    for variant, values in times.items():
-        median = statistics.median(values)
-        paired = [v / b for v, b in zip(values, base, strict=True)]
-        out[variant] = {
-            "settings": None if variant == BASELINE else describe(variant),
-            "seconds": values,
-            "median_s": median,
-            "ratio_of_medians": median / base_median,
-            "paired_ratios": paired,
-            "median_paired_ratio": statistics.median(paired),
-            "added_s": median - base_median,
-        }
-    return out
-
-
-def describe(setting: str) -> dict[str, Any]:
-    cb = FailureModeCallback(**SETTINGS[setting])
-    forwards = cb.max_samples * len(cb.bank) * len(cb.severities)
-    return {"max_samples": cb.max_samples, "perturbations": len(cb.bank), "severities": list(cb.severities),
-            "extra_forwards": forwards}
-
-
-def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
-    rows = []
-    for phase, variants in results.items():
-        for variant, r in variants.items():
-            s = r["settings"]
-            probes = "-" if s is None else f"{s['max_samples']}x{s['perturbations']}x{len(s['severities'])}"
-            rows.append([phase, variant, probes, f"{r['median_s']:.2f}", f"{r['added_s']:+.2f}",
-                         f"{r['ratio_of_medians']:.2f}x", f"{r['median_paired_ratio']:.2f}x"])
-    headers = ["phase", "analyzer", "samples x perts x sevs", "median s", "added s", "ratio", "paired ratio"]
-    return format_table(headers, rows)
+    if cb is not None and cb.profile is None:
+        raise RuntimeError("FailureModeCallback built no profile: the timing is not valid")
+    return seconds, (cb.probe_forwards - before if cb is not None else 0)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -188,29 +145,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dm = FashionMNISTDataModule(batch_size=args.batch_size, val_size=args.val_size, train_size=args.train_size,
                                 seed=args.seed)
     dm.setup()
-    init = ImageClassifier(num_classes=10, in_channels=1, image_size=28, arch="cnn")
-    load_start = os.getloadavg()
-    wall_start = time.perf_counter()
-    results: dict[str, dict[str, dict[str, Any]]] = {}
+    model = ImageClassifier(num_classes=10, in_channels=1, image_size=28, arch="cnn")
+    load_start, wall_start = os.getloadavg(), time.perf_counter()
+    cheap = FailureModeCallback(pictures=False, **VARIANTS["cheap"])
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as root:
-        warm_up(init, dm, root)
-        model = init
-        if args.fit_settings:
-            print(f"fit: 1 epoch on {args.train_size} train samples + validation on {args.val_size}", flush=True)
-            trained: dict[str, ImageClassifier] = {}
-
-            def run_fit(variant: str) -> float:
-                seconds, trained[variant] = time_fit(init, dm, variant, root)
-                return seconds
-
-            fit_times = interleaved([BASELINE, *args.fit_settings], args.repeats, run_fit)
-            results["fit+val"] = summarize_phase(fit_times)
-            model = trained[BASELINE]  # a trained model makes the validation profile meaningful (cost is the same)
-        print(f"validate: {args.val_size} samples", flush=True)
-        val_times = interleaved([BASELINE, *args.settings], args.repeats, lambda v: time_validate(model, dm, v, root))
-        results = {"validate": summarize_phase(val_times), **results}
+        run_validate(model, dm, root, FailureModeCallback(max_samples=16, pictures=False))  # warm-up, untimed
+        for epoch in range(args.checkpoints):
+            make_trainer(root, [], max_epochs=1, limit_val_batches=0).fit(model, datamodule=dm)
+            model.eval()
+            row: dict[str, Any] = {"checkpoint": epoch}
+            full = FailureModeCallback(pictures=False, **VARIANTS["full"])
+            for name, cb in (("none", None), ("full", full), ("cheap", cheap)):
+                seconds, forwards = run_validate(model, dm, root, cb)
+                row[name] = {"seconds": seconds, "probe_forwards": forwards}
+            assert full.profile is not None and cheap.profile is not None
+            row["agreement"] = agreement(cheap.profile, full.profile, float(max(full.severities)))
+            rows.append(row)
+            print(f"  checkpoint {epoch}: none {row['none']['seconds']:.2f} s, full {row['full']['seconds']:.2f} s "
+                  f"({row['full']['probe_forwards']} fwd), cheap {row['cheap']['seconds']:.2f} s "
+                  f"({row['cheap']['probe_forwards']} fwd), top-20 rho {row['agreement']['top20_spearman']:.3f}, "
+                  f"max frontier diff {row['agreement']['max_frontier_diff']:.2f} "
+                  f"({row['agreement']['max_frontier_diff_at']})", flush=True)
+    summary = summarize(rows)
     print()
-    print(table(results))
+    print(table(summary))
     payload = {
         "benchmark": "analyzer_cost",
         "command": command,
@@ -220,14 +179,47 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "total_wall_s": time.perf_counter() - wall_start,
         "config": {"dataset": "fashion-mnist", "model": "ImageClassifier(arch='cnn', width=32)",
                    "accelerator": "cpu", "val_size": args.val_size, "train_size": args.train_size,
-                   "batch_size": args.batch_size, "repeats": args.repeats, "seed": args.seed,
-                   "threads": torch.get_num_threads(), "fit_settings": args.fit_settings,
-                   "settings": {name: SETTINGS[name] for name in SETTINGS}},
-        "results": results,
+                   "checkpoints": args.checkpoints, "batch_size": args.batch_size, "seed": args.seed,
+                   "threads": torch.get_num_threads(), "variants": VARIANTS, "top_k": TOP_K},
+        "checkpoints": rows,
+        "summary": summary,
     }
     path = write_json(args.results_dir / "analyzer_cost.json", payload)
-    print(f"\nwrote {path}")
+    # The pictures the analyzer draws, for the cheap profile at the last checkpoint and its history.
+    heatmap = render_heatmap(cheap.history[-1], args.results_dir / "analyzer_cost.png", list(cheap.severities))
+    frontier = render_frontier_chart(
+        [p.model_copy(update={"epoch": i}) for i, p in enumerate(cheap.history)],
+        args.results_dir / "analyzer_cost.frontier.png")
+    print(f"\nwrote {path}\nwrote {heatmap}\nwrote {frontier}")
     return payload
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    base = statistics.median(r["none"]["seconds"] for r in rows)
+    out: dict[str, Any] = {}
+    for name in ("none", "full", "cheap"):
+        seconds = statistics.median(r[name]["seconds"] for r in rows)
+        out[name] = {"median_s": seconds, "ratio_to_none": seconds / base, "added_s": seconds - base,
+                     "total_probe_forwards": sum(r[name]["probe_forwards"] for r in rows)}
+    out["cheap"]["forward_share_of_full"] = out["cheap"]["total_probe_forwards"] / max(
+        out["full"]["total_probe_forwards"], 1)
+    out["cheap"]["added_share_of_full"] = out["cheap"]["added_s"] / out["full"]["added_s"] if out["full"][
+        "added_s"] > 0 else None
+    rhos = [r["agreement"]["top20_spearman"] for r in rows]
+    diffs = [r["agreement"]["max_frontier_diff"] for r in rows]
+    out["agreement"] = {"top20_spearman_min": min(rhos), "top20_spearman_median": statistics.median(rhos),
+                        "max_frontier_diff_max": max(diffs), "max_frontier_diff_median": statistics.median(diffs)}
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    rows = [[name, f"{s['median_s']:.2f}", f"{s['added_s']:+.2f}", f"{s['ratio_to_none']:.2f}x",
+             str(s["total_probe_forwards"])] for name, s in summary.items() if name != "agreement"]
+    a = summary["agreement"]
+    text = format_table(["analyzer", "median s", "added s", "ratio", "probe forwards (all checkpoints)"], rows)
+    return (text + f"\nagreement cheap vs full: top-20 Spearman min {a['top20_spearman_min']:.3f} "
+            f"(median {a['top20_spearman_median']:.3f}), largest frontier difference {a['max_frontier_diff_max']:.2f}"
+            f" (median {a['max_frontier_diff_median']:.2f})")
 
 
 if __name__ == "__main__":

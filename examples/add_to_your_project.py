@@ -1,5 +1,5 @@
 # Run: python3 examples/add_to_your_project.py
-"""A plain Lightning project, plus the four lines that add lightning_synth (marked `# + lightning_synth`).
+"""A plain Lightning project, plus the three lines that add lightning_synth (marked `# + lightning_synth`).
 
 Everything else is what an ordinary Lightning user already has: a LightningModule whose steps call
 `self(x)` on `(x, y)` batches, and a LightningDataModule.
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_synth import AdaptiveSampling, FailureModeCallback, SyntheticDataModule  # + lightning_synth
+import lightning_synth  # + lightning_synth
 from lightning_synth.datasets import load_fashion_mnist
 
 
@@ -50,9 +50,9 @@ class FashionMNIST(L.LightningDataModule):
 
 
 if __name__ == "__main__":
-    datamodule = SyntheticDataModule(FashionMNIST(), synthetic_budget=2000)  # + lightning_synth
-    analyzer = FailureModeCallback(max_samples=256)  # + lightning_synth
+    datamodule, callbacks = lightning_synth.attach(FashionMNIST())  # + lightning_synth
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        callbacks=[analyzer, AdaptiveSampling()])  # + lightning_synth (callbacks)
+                        callbacks=callbacks)  # + lightning_synth (callbacks)
     trainer.fit(LitClassifier(), datamodule=datamodule)
+    analyzer = callbacks[0]  # the FailureModeCallback
     print(analyzer.profile.format(8))

@@ -29,7 +29,7 @@ def main() -> None:
 
     L.seed_everything(0)
     real = FashionMNISTDataModule(batch_size=128, train_size=args.train_size, val_size=2000)
-    datamodule = SyntheticDataModule(real, synthetic_budget=args.train_size // 4)
+    datamodule = SyntheticDataModule(real, synthetic_budget=0.25)
     analyzer = FailureModeCallback(max_samples=512, class_names=[c.split("/")[0] for c in FASHION_MNIST_CLASSES],
                                    verbose=True)
     if args.wandb:

@@ -3,7 +3,9 @@
 from lightning_synth.batch import BatchAdapter, BatchView
 from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SynthesisCallback
 from lightning_synth.control import SynthesisController, SynthesisSettings
-from lightning_synth.data import AdaptiveSampler, SyntheticDataModule, SyntheticPool, SyntheticWeighting
+from lightning_synth.data import AdaptiveSampler, SyntheticPool, SyntheticWeighting
+from lightning_synth.datamodule import SyntheticDataModule, attach
+from lightning_synth.engine import SynthesisEngine
 from lightning_synth.generators import (
     ConditionalGAN,
     ConditionalGANGenerator,
@@ -29,6 +31,7 @@ __all__ = [
     "ScenarioGenerator",
     "SynthesisCallback",
     "SynthesisController",
+    "SynthesisEngine",
     "SynthesisSettings",
     "SyntheticDataModule",
     "SyntheticGenerator",
@@ -38,6 +41,7 @@ __all__ = [
     "Weakness",
     "WeaknessProfile",
     "__version__",
+    "attach",
     "default_bank",
     "register_perturbation",
 ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-__all__ = ["check_int"]
+__all__ = ["check_int", "check_number"]
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -21,3 +22,25 @@ def check_int(name: str, value: Any, minimum: int) -> None:
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__}: {value!r}")
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+
+
+def check_number(
+    name: str, value: Any, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
+    """Raise ``TypeError`` unless ``value`` is a real number (not a bool), ``ValueError`` unless it is finite
+    and inside ``[low, high]`` (``(low, high]`` with ``low_open``).
+
+    Example:
+        >>> check_number("share", 0.5, low=0.0, high=1.0)
+        >>> check_number("share", 0.0, low=0.0, high=1.0, low_open=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: `share` must be in (0.0, 1.0], got 0.0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}: {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if not math.isfinite(value) or too_low or too_high:
+        left = "(" if low_open else "["
+        raise ValueError(f"`{name}` must be in {left}{low}, {high}], got {value!r}")

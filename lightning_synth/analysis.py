@@ -12,7 +12,7 @@ from torchmetrics import Metric
 
 from lightning_synth.profile import Weakness, WeaknessProfile
 
-__all__ = ["GroupAccuracy", "ProbeAccuracy", "build_profile", "failure_frontier"]
+__all__ = ["GroupAccuracy", "ProbeAccuracy", "build_profile", "failure_frontier", "paired_gap_interval"]
 
 
 class ProbeAccuracy(Metric):
@@ -30,18 +30,34 @@ class ProbeAccuracy(Metric):
     full_state_update = False
     correct: Tensor
     total: Tensor
+    clean_correct: Tensor
+    discordant: Tensor
 
     def __init__(self, num_perturbations: int, num_severities: int) -> None:
         super().__init__()
         shape = (max(num_perturbations, 1), num_severities + 1)
         self.add_state("correct", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        # On the same samples: clean hits, and how many samples the perturbation flipped either way (for a
+        # paired confidence interval of the gap).
+        self.add_state("clean_correct", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("discordant", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, perturbation: int | slice, severity: int | slice, hits: Tensor) -> None:
-        """Add the boolean ``hits`` (``(N,)``) of one cell, or ``(S, N)`` for a row of severities."""
+    def update(
+        self, perturbation: int | slice, severity: int | slice, hits: Tensor, clean_hits: Tensor | None = None
+    ) -> None:
+        """Add the boolean ``hits`` (``(N,)``) of one cell, or ``(S, N)`` for a row of severities, and the
+        clean hits ``(N,)`` of the same samples (default: ``hits``, for the clean column)."""
         hits = hits.to(torch.float64)
+        clean = hits if clean_hits is None else clean_hits.to(torch.float64).expand_as(hits)
         self.correct[perturbation, severity] += hits.sum(-1)
         self.total[perturbation, severity] += hits.shape[-1]
+        self.clean_correct[perturbation, severity] += clean.sum(-1)
+        self.discordant[perturbation, severity] += (hits != clean).to(torch.float64).sum(-1)
+
+    def counts(self) -> Tensor:
+        """The local states stacked as ``(4, P, S + 1)``: correct, total, clean_correct, discordant."""
+        return torch.stack([self.correct, self.total, self.clean_correct, self.discordant])
 
     def compute(self) -> tuple[Tensor, Tensor]:
         return self.correct, self.total
@@ -116,9 +132,30 @@ def _class_and_confusion(
     return out
 
 
+def paired_gap_interval(counts: Tensor, z: float = 2.576) -> tuple[Tensor, Tensor, Tensor]:
+    """Per cell, the accuracy gap (clean minus perturbed, on the same samples) and its confidence bounds.
+
+    ``counts`` is ``(4, ...)``: correct, total, clean_correct, discordant (see :meth:`ProbeAccuracy.counts`).
+    The variance of the per-sample difference is estimated with one pseudo-discordance (so a cell with no
+    flips after a few samples still has a nonzero width). Returns ``(gap, low, high)``.
+
+    Example:
+        >>> counts = torch.tensor([[20.0], [100.0], [80.0], [60.0]])  # 60 flips, net 60 more errors
+        >>> gap, low, high = paired_gap_interval(counts)
+        >>> round(gap.item(), 2), bool(low.item() > 0.4), bool(high.item() < 0.8)
+        (0.6, True, True)
+    """
+    correct, total, clean, discordant = counts.double()
+    n = total.clamp(min=1)
+    gap = (clean - correct) / n
+    var = ((discordant + 1) / (n + 2) - gap**2).clamp(min=0)
+    half = z * (var / n).sqrt()
+    return gap, gap - half, gap + half
+
+
 def _perturbations(
     probe_correct: Tensor, probe_total: Tensor, names: Sequence[str], severities: Sequence[int],
-    threshold: float,
+    threshold: float, probe_clean_correct: Tensor | None = None,
 ) -> tuple[list[Weakness], dict[str, float | None]]:
     out: list[Weakness] = []
     frontier: dict[str, float | None] = {}
@@ -130,7 +167,10 @@ def _perturbations(
             support = int(probe_total[p, s])
             if support == 0:
                 continue
-            gap = float(error[p, s]) - base
+            if probe_clean_correct is not None:  # paired: the clean error of the very samples of this cell
+                gap = float(error[p, s]) - (1.0 - float(probe_clean_correct[p, s]) / support)
+            else:
+                gap = float(error[p, s]) - base
             gaps.append(gap)
             out.append(Weakness(kind="perturbation", name=name, severity=float(sev), error_rate=float(error[p, s]),
                                 gap=max(min(gap, 1.0), -1.0), support=support))
@@ -162,6 +202,7 @@ def build_profile(
     top_k_confusions: int = 5,
     min_support: int = 1,
     epoch: int = -1,
+    probe_clean_correct: Tensor | None = None,
 ) -> WeaknessProfile:
     """Turn synced metric values into a ranked :class:`WeaknessProfile` (pure; same input, same output).
 
@@ -177,14 +218,17 @@ def build_profile(
         top_k_confusions: how many confused pairs to report.
         min_support: classes/groups with fewer samples are left out.
         epoch: recorded in the profile.
+        probe_clean_correct: ``(P, S + 1)`` clean hits on the samples of each cell; when given, each cell's
+            gap is paired (its own samples' clean error), so cells probed on fewer samples stay unbiased.
     """
     confusion = confusion.detach().double().cpu()
     total = float(confusion.sum())
     clean_error = 1.0 - float(confusion.trace()) / total if total else 0.0
     names = list(class_names) if class_names is not None else [str(c) for c in range(confusion.shape[0])]
     weaknesses = _class_and_confusion(confusion, clean_error, names, top_k_confusions, min_support)
+    paired = None if probe_clean_correct is None else probe_clean_correct.double().cpu()
     probes, frontier = _perturbations(probe_correct.double().cpu(), probe_total.double().cpu(),
-                                      perturbation_names, severities, threshold)
+                                      perturbation_names, severities, threshold, paired)
     weaknesses += probes
     counts = {k: (c.double().cpu(), t.double().cpu()) for k, (c, t) in (slice_counts or {}).items()}
     weaknesses += _slices(counts, clean_error, min_support)

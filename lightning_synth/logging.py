@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
-__all__ = ["image_grid", "log_images", "log_table", "write_json_artifact"]
+__all__ = ["image_grid", "log_images", "log_profile_pictures", "log_table", "to_uint8_image", "write_json_artifact"]
 
 
 def log_table(trainer: L.Trainer, key: str, columns: Sequence[str], rows: list[list[Any]]) -> int:
@@ -54,15 +54,33 @@ def image_grid(images: Tensor, nrow: int = 8, padding: int = 1) -> Tensor:
     return grid
 
 
+def to_uint8_image(grid: Tensor) -> Any:
+    """A ``(C, H, W)`` image in [0, 1] as an ``(H, W)`` or ``(H, W, 3)`` uint8 numpy array in 0..255.
+
+    Image loggers read a float array as 0..255 values, so a [0, 1] grid would come out black; this scales it.
+
+    Example:
+        >>> to_uint8_image(torch.tensor([[[0.0, 0.5, 1.0]]])).tolist()
+        [[0, 128, 255]]
+    """
+    if grid.ndim != 3:
+        raise ValueError(f"`grid` must be (C, H, W), got shape {tuple(grid.shape)}")
+    pixels = (grid.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    if pixels.shape[0] == 1:
+        return pixels[0].numpy()
+    return pixels[:3].permute(1, 2, 0).contiguous().numpy()
+
+
 def log_images(trainer: L.Trainer, key: str, grids: dict[str, Tensor]) -> int:
-    """Log named ``(C, H, W)`` image grids (W&B images, TensorBoard images). Returns loggers reached."""
+    """Log named ``(C, H, W)`` image grids in [0, 1] (W&B images, TensorBoard images). Returns loggers reached."""
     if trainer.global_rank != 0 or not grids:
         return 0
     sent = 0
     names = sorted(grids)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[grids[n] for n in names], caption=names, step=trainer.global_step)
+            logger.log_image(key=key, images=[to_uint8_image(grids[n]) for n in names], caption=names,
+                             step=trainer.global_step)
             sent += 1
         elif isinstance(logger, TensorBoardLogger):
             for n in names:
@@ -87,3 +105,31 @@ def write_json_artifact(trainer: L.Trainer, name: str, payload: Any) -> Path | N
     path = folder / name
     path.write_text(payload if isinstance(payload, str) else json.dumps(payload, indent=2, default=str))
     return path
+
+
+def log_profile_pictures(trainer: L.Trainer, profile_json: Path, history: Sequence[Any],
+                         severities: Sequence[float] | None = None) -> list[Path]:
+    """Render the profile heatmap and the frontier-over-epochs chart beside ``profile_json`` (rank 0) and log
+    them as images (W&B; TensorBoard gets the heatmap as an image too). Returns the files written; without
+    matplotlib, nothing (one warning).
+    """
+    from lightning_synth.report import MissingMatplotlib, render_frontier_chart, render_heatmap
+
+    if trainer.global_rank != 0 or not history:
+        return []
+    stem = profile_json.with_suffix("")
+    try:
+        heatmap = render_heatmap(history[-1], stem.parent / f"{stem.name}_heatmap.png", severities)
+        frontier = render_frontier_chart(history, profile_json.parent / "frontier.png")
+    except MissingMatplotlib as err:
+        if not getattr(log_profile_pictures, "_warned", False):
+            setattr(log_profile_pictures, "_warned", True)  # noqa: B010
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(str(err))
+        return []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="weakness/heatmap", images=[str(heatmap)], step=trainer.global_step)
+            logger.log_image(key="weakness/frontier", images=[str(frontier)], step=trainer.global_step)
+    return [heatmap, frontier]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "KeyedRandom",
     "Params",
     "Perturbation",
     "PerturbationBank",
@@ -48,6 +49,10 @@ class Perturbation(ABC):
     name: str = ""
     unit: str = ""
     ladder: tuple[float, ...] = ()
+    #: ``True`` when :meth:`sample_params` draws only through this module's helpers, so it also accepts a
+    #: :class:`KeyedRandom` (one vectorised call for a batch of per-sample seeds); user subclasses that call
+    #: ``torch.rand(..., generator=...)`` themselves keep ``False`` and are sampled one sample at a time.
+    keyed_draws: bool = False
 
     @property
     def max_severity(self) -> int:
@@ -84,12 +89,22 @@ class Perturbation(ABC):
         moved = {k: v.to(images.device) for k, v in params.items()}
         return self.apply_params(images, moved).clamp_(0.0, 1.0)
 
-    def sample_params_per_sample(self, shape: torch.Size, severity: float, seeds: Sequence[int]) -> Params:
+    def sample_params_per_sample(
+        self, shape: torch.Size, severity: float, seeds: Sequence[int] | Tensor
+    ) -> Params:
         """Parameters for each sample from its own seed: the same sample gets the same perturbation
-        whatever batch or rank it lands in (used by the analyzer so DDP matches one process)."""
+        whatever batch or rank it lands in (used by the analyzer so DDP matches one process).
+
+        Perturbations with :attr:`keyed_draws` draw for the whole batch in one vectorised call
+        (:class:`KeyedRandom`); others fall back to one ``torch.Generator`` per sample.
+        """
+        seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
+        if self.keyed_draws:
+            mag = self.magnitude(severity).expand(len(seeds)).clone()
+            return self.sample_params(torch.Size((len(seeds), *shape[1:])), mag, KeyedRandom(seeds))  # type: ignore[arg-type]
         one = torch.Size((1, *shape[1:]))
         mag = self.magnitude(severity).reshape(1)
-        parts = [self.sample_params(one, mag, torch.Generator().manual_seed(int(s))) for s in seeds]
+        parts = [self.sample_params(one, mag, torch.Generator().manual_seed(int(s))) for s in seeds.tolist()]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def __repr__(self) -> str:
@@ -102,16 +117,84 @@ def _check_images(images: Tensor) -> None:
         raise ValueError(f"Perturbations take float images of shape (B, C, H, W) in [0, 1], got {got}")
 
 
-def _uniform(n: int, generator: torch.Generator | None, low: float = 0.0, high: float = 1.0) -> Tensor:
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixing function ("lowbias32") on int64 tensors holding values in ``[0, 2**32)``."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32  # int64 products wrap; their low 32 bits are exact
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+class KeyedRandom:
+    """Counter-based random numbers: draw ``k`` of row ``i`` is a pure function of ``(keys[i], k)``.
+
+    A stand-in for ``torch.Generator`` in the built-in perturbations' :meth:`Perturbation.sample_params`:
+    a batch of per-sample seeds gives every sample the same parameters whatever batch, rank or order it is
+    drawn in, in one vectorised call (no Python loop per sample).
+
+    Args:
+        keys: ``(B,)`` integer seeds, one per sample.
+
+    Example:
+        >>> a = KeyedRandom(torch.tensor([7, 8])).uniform()
+        >>> b = KeyedRandom(torch.tensor([8])).uniform()
+        >>> bool(a[1] == b[0]) and bool(((a >= 0) & (a < 1)).all())
+        True
+    """
+
+    def __init__(self, keys: Tensor) -> None:
+        self.keys = _hash32(torch.as_tensor(keys, dtype=torch.int64).reshape(-1) ^ 0x5BD1E995)
+        self._draws = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _bits(self, per_row: int) -> Tensor:
+        counters = torch.arange(self._draws, self._draws + per_row, dtype=torch.int64)
+        self._draws += per_row
+        return _hash32(self.keys[:, None] ^ _hash32(counters * 0x9E3779B1 + 0x632BE5AB)[None, :])
+
+    def uniform(self, *tail: int) -> Tensor:
+        """``(B, *tail)`` uniforms in ``(0, 1)`` (float32)."""
+        count = math.prod(tail)
+        bits = self._bits(count)
+        return ((bits >> 8).float() + 0.5).div_(2.0**24).reshape(len(self), *tail)
+
+    def normal(self, *tail: int) -> Tensor:
+        """``(B, *tail)`` standard normals (Box-Muller)."""
+        u1, u2 = self.uniform(*tail), self.uniform(*tail)
+        return (-2.0 * u1.log()).sqrt() * torch.cos(2 * math.pi * u2)
+
+
+Draws = torch.Generator | KeyedRandom | None
+
+
+def _uniform(n: int, generator: Draws, low: float = 0.0, high: float = 1.0) -> Tensor:
+    if isinstance(generator, KeyedRandom):
+        return generator.uniform() * (high - low) + low
     return torch.rand(n, generator=generator) * (high - low) + low
 
 
-def _sign(n: int, generator: torch.Generator | None) -> Tensor:
+def _sign(n: int, generator: Draws) -> Tensor:
+    if isinstance(generator, KeyedRandom):
+        return (generator.uniform() >= 0.5).float() * 2 - 1
     return torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
+
+
+def _normal(shape: torch.Size, generator: Draws) -> Tensor:
+    if isinstance(generator, KeyedRandom):
+        return generator.normal(*shape[1:])
+    return torch.randn(tuple(shape), generator=generator)
 
 
 class Rotation(Perturbation):
     name, unit, ladder = "rotation", "deg", (10.0, 20.0, 30.0, 45.0, 60.0)
+    keyed_draws = True
 
     def sample_params(self, shape: torch.Size, magnitude: Tensor, generator: torch.Generator | None) -> Params:
         return {"angle": magnitude * _sign(shape[0], generator)}
@@ -122,6 +205,7 @@ class Rotation(Perturbation):
 
 class Translation(Perturbation):
     name, unit, ladder = "translation", "fraction of size", (0.06, 0.1, 0.15, 0.2, 0.25)
+    keyed_draws = True
 
     def sample_params(self, shape: torch.Size, magnitude: Tensor, generator: torch.Generator | None) -> Params:
         theta = _uniform(shape[0], generator, 0.0, 2 * math.pi)
@@ -134,6 +218,7 @@ class Translation(Perturbation):
 
 class Scale(Perturbation):
     name, unit, ladder = "scale", "relative zoom", (0.1, 0.2, 0.3, 0.4, 0.5)
+    keyed_draws = True
 
     def sample_params(self, shape: torch.Size, magnitude: Tensor, generator: torch.Generator | None) -> Params:
         # Zoom in or out; zooming in is capped so the object is not cropped away.
@@ -147,6 +232,7 @@ class Scale(Perturbation):
 
 class GaussianBlur(Perturbation):
     name, unit, ladder = "gaussian_blur", "sigma (px at 28px)", (0.6, 0.9, 1.2, 1.6, 2.2)
+    keyed_draws = True
 
     def sample_params(self, shape: torch.Size, magnitude: Tensor, generator: torch.Generator | None) -> Params:
         return {"sigma": (magnitude * shape[-1] / 28.0).clamp(min=1e-3)}
@@ -160,6 +246,7 @@ class GaussianBlur(Perturbation):
 
 class MotionBlur(Perturbation):
     name, unit, ladder = "motion_blur", "length (px at 28px)", (2.0, 3.5, 5.0, 7.0, 9.0)
+    keyed_draws = True
 
     def sample_params(self, shape: torch.Size, magnitude: Tensor, generator: torch.Generator | None) -> Params:
         return {
@@ -182,9 +269,10 @@ class MotionBlur(Perturbation):
 
 class GaussianNoise(Perturbation):
     name, unit, ladder = "gaussian_noise", "std", (0.05, 0.1, 0.15, 0.22, 0.3)
+    keyed_draws = True
 
     def sample_params(self, shape: torch.Size, magnitude: Tensor, generator: torch.Generator | None) -> Params:
-        return {"noise": torch.randn(tuple(shape), generator=generator) * magnitude.view(-1, 1, 1, 1)}
+        return {"noise": _normal(shape, generator) * magnitude.view(-1, 1, 1, 1)}
 
     def apply_params(self, images: Tensor, params: Params) -> Tensor:
         return images + params["noise"].to(images.dtype)
@@ -192,6 +280,7 @@ class GaussianNoise(Perturbation):
 
 class Occlusion(Perturbation):
     name, unit, ladder = "occlusion", "area fraction", (0.06, 0.12, 0.18, 0.25, 0.35)
+    keyed_draws = True
 
     def sample_params(self, shape: torch.Size, magnitude: Tensor, generator: torch.Generator | None) -> Params:
         n = shape[0]
@@ -212,6 +301,7 @@ class Occlusion(Perturbation):
 
 class Contrast(Perturbation):
     name, unit, ladder = "contrast", "contrast reduction", (0.3, 0.45, 0.6, 0.72, 0.82)
+    keyed_draws = True
 
     def sample_params(self, shape: torch.Size, magnitude: Tensor, generator: torch.Generator | None) -> Params:
         return {"factor": 1.0 - magnitude}
@@ -222,6 +312,7 @@ class Contrast(Perturbation):
 
 class Brightness(Perturbation):
     name, unit, ladder = "brightness", "additive shift", (0.15, 0.25, 0.35, 0.45, 0.55)
+    keyed_draws = True
 
     def sample_params(self, shape: torch.Size, magnitude: Tensor, generator: torch.Generator | None) -> Params:
         return {"shift": magnitude * _sign(shape[0], generator)}

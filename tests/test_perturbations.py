@@ -74,3 +74,28 @@ def test_register_custom_perturbation():
     bank = PerturbationBank(["rotation", "test_invert"])
     assert bank.names == ["rotation", "test_invert"]
     assert bank.apply("test_invert@5", torch.zeros(1, 1, 2, 2)).min().item() == 1.0
+
+
+@pytest.mark.parametrize("name", default_bank().names)
+def test_keyed_parameters_are_per_sample_and_vectorised(name):
+    """A sample's parameters depend on its own seed only: the same whatever batch it is drawn in."""
+    op = default_bank()[name]
+    shape = torch.Size((6, 1, 12, 12))
+    seeds = torch.arange(100, 106)
+    together = op.sample_params_per_sample(shape, 3, seeds)
+    apart = op.sample_params_per_sample(torch.Size((2, 1, 12, 12)), 3, seeds[[4, 1]])
+    for key, value in together.items():
+        assert torch.equal(value[[4, 1]], apart[key]), key
+    other = op.sample_params_per_sample(shape, 3, seeds + 1000)
+    assert op.magnitude(3).item() > 0
+    if name not in ("gaussian_blur", "contrast"):  # deterministic in the magnitude alone
+        assert any(not torch.equal(v, other[k]) for k, v in together.items())
+
+
+def test_keyed_uniforms_look_uniform():
+    from lightning_synth.perturbations import KeyedRandom
+
+    u = KeyedRandom(torch.arange(20000)).uniform()
+    assert float(u.min()) > 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    z = KeyedRandom(torch.arange(20000)).normal(4)
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02

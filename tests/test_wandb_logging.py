@@ -140,6 +140,24 @@ def test_fit_logs_profile_table_sample_grids_and_scalars_to_wandb(tmp_path, offl
         for name in grid["filenames"]:
             assert (files / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert grid["width"] == 8 * (8 + 1) + 1  # 8 digits of 8 px per row, 1 px padding
+    # The grid shows the samples: white padding (255), dark background and bright strokes of the digits,
+    # not the 0/1-out-of-255 black of an unscaled [0, 1] grid.
+    from PIL import Image
+
+    pixels = torch.tensor(list(Image.open(files / grids[-1]["filenames"][0]).convert("L").getdata()),
+                          dtype=torch.float32)
+    assert pixels.max() == 255 and pixels.mean() > 40, (pixels.mean(), pixels.max())
+    digit = pixels.reshape(grid["height"], grid["width"])[1:9, 1:9]  # the first sample, inside the padding
+    assert digit.std() > 30 and (digit < 64).any() and (digit > 128).any(), digit
+
+    # The pictures of the profile: the heatmap and the frontier chart, logged as images and written as PNGs.
+    for key in ("weakness/heatmap", "weakness/frontier"):
+        logged = [r[key] for r in rows if key in r]
+        assert len(logged) == 2, key
+        png = files / logged[-1]["filenames"][0]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 300
+    written = sorted(p.name for p in (Path(trainer.log_dir) / "lightning_synth").glob("*.png"))
+    assert written == ["frontier.png", "profile_epoch0_heatmap.png", "profile_epoch1_heatmap.png"]
 
     # Scalars from the synthesis callback and the analyzer.
     scalars: dict[str, list[float]] = {}

@@ -18,44 +18,20 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import RunningStage, TrainerStatus
-from lightning.pytorch.utilities.data import _update_dataloader
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
 from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
+from lightning_synth.callbacks._hooks import Pairs, batch_tensor, empty_pairs, find_sampler, wrap_train_source
+from lightning_synth.data.loader import rebuild_loader
 from lightning_synth.data.sampler import AdaptiveSampler
+from lightning_synth.engine.comm import StrategyComm
 
 __all__ = ["PER_SAMPLE_LOSS_KEY", "AdaptiveSampling"]
 
 PER_SAMPLE_LOSS_KEY = "per_sample_loss"
-_Pairs = tuple[Tensor, Tensor, Tensor]  # global draw positions, dataset indices, (loss, score) rows
-
-
-def _find_sampler(loader: DataLoader) -> AdaptiveSampler | None:
-    for candidate in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
-        if isinstance(candidate, AdaptiveSampler):
-            return candidate
-    return None
-
-
-def _batch_tensor(output: Any, batch_size: int) -> Tensor | None:
-    """The first tensor in a forward output whose leading dimension is the batch size."""
-    if isinstance(output, Tensor):
-        return output if output.ndim >= 1 and output.shape[0] == batch_size else None
-    if isinstance(output, Mapping):
-        output = [output["logits"]] if "logits" in output else list(output.values())
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = _batch_tensor(item, batch_size)
-            if found is not None:
-                return found
-    return None
-
-
-def _empty_pairs() -> _Pairs:
-    return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0, 2)
 
 
 class AdaptiveSampling(Callback):
@@ -63,12 +39,15 @@ class AdaptiveSampling(Callback):
 
     If the train DataLoader has no ``AdaptiveSampler``, one is installed for you (``install_sampler=True``):
     the DataLoader that ``train_dataloader()`` returns (or that was passed to ``fit``) is rebuilt with the
-    sampler, keeping its batch size, workers and ``drop_last``. If it already has one, that sampler is used
-    and the sampler arguments here are ignored. The sampler's state rides in this callback's checkpoint state.
+    sampler, keeping every other DataLoader argument. If it already has one (as
+    :class:`~lightning_synth.SyntheticDataModule` builds it), that sampler is used: set its temperature there.
+    The sampler's state rides in this callback's checkpoint state.
 
     Args:
-        temperature: sampler temperature; see :class:`AdaptiveSampler`.
-        uniform_mix: share of probability mass spread uniformly.
+        temperature: temperature of a sampler this callback installs (default 2); see :class:`AdaptiveSampler`.
+            Given while the loader already has a sampler, it is an error.
+        uniform_mix: share of probability mass spread uniformly by a sampler this callback installs
+            (default 0.2).
         ema_decay: weight of a sample's old score when a new epoch's loss arrives.
         prior: score of never-seen samples, ``"mean"`` or ``"max"`` of the seen scores.
         num_samples: indices drawn per epoch over all ranks (default: the dataset length).
@@ -102,8 +81,8 @@ class AdaptiveSampling(Callback):
 
     def __init__(
         self,
-        temperature: float = 2.0,
-        uniform_mix: float = 0.2,
+        temperature: float | None = None,
+        uniform_mix: float | None = None,
         ema_decay: float = 0.5,
         prior: Literal["mean", "max"] = "mean",
         num_samples: int | None = None,
@@ -115,7 +94,8 @@ class AdaptiveSampling(Callback):
         install_sampler: bool = True,
         log_stats: bool = True,
     ) -> None:
-        AdaptiveSampler._check_config(temperature, uniform_mix, ema_decay, prior, "systematic")
+        AdaptiveSampler._check_config(2.0 if temperature is None else temperature,
+                                      0.2 if uniform_mix is None else uniform_mix, ema_decay, prior, "systematic")
         if num_samples is not None and (
             isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
         ):
@@ -128,13 +108,14 @@ class AdaptiveSampling(Callback):
             raise ValueError(f"`normalize` must be 'batch' or 'none', got {normalize!r}")
         if capture_module is not None and (not isinstance(capture_module, str) or not capture_module):
             raise ValueError(f"`capture_module` must be a non-empty submodule name or None, got {capture_module!r}")
-        self.sampler_kwargs = {
-            "temperature": temperature,
-            "uniform_mix": uniform_mix,
+        self.sampler_kwargs: dict[str, Any] = {
+            "temperature": 2.0 if temperature is None else temperature,
+            "uniform_mix": 0.2 if uniform_mix is None else uniform_mix,
             "ema_decay": ema_decay,
             "prior": prior,
             "num_samples": num_samples,
         }
+        self._explicit = [n for n, v in (("temperature", temperature), ("uniform_mix", uniform_mix)) if v is not None]
         self.seed = seed
         self.batch_adapter = resolve_batch_adapter(batch_adapter)
         self.loss_fn = loss_fn
@@ -147,15 +128,16 @@ class AdaptiveSampling(Callback):
         self._trainer: pl.Trainer | None = None
         self._in_fit = False
         self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._patched_source: Any = None
+        self._undo_source: Callable[[], None] | None = None
+        self._listeners: list[Callable[[Tensor, Tensor], None]] = []
         self._batch_size = 0
         self._batches_seen = 0
         self._rows: Tensor = torch.empty(0, dtype=torch.long)
         self._positions: Tensor = torch.empty(0, dtype=torch.long)
         self._capturing = False
         self._captured: Tensor | None = None
-        self._local: list[_Pairs] = []
-        self._gathered: list[_Pairs] = []
+        self._local: list[Pairs] = []
+        self._gathered: list[Pairs] = []
         self._sampler_state_to_load: dict[str, Any] | None = None
         self._warned: set[str] = set()
 
@@ -166,16 +148,13 @@ class AdaptiveSampling(Callback):
             return
         self._trainer = trainer
         self._hook = self._capture_target(pl_module).register_forward_hook(self._capture)
-        source = getattr(trainer.fit_loop, "_data_source", None)
-        if source is None or not callable(getattr(source, "dataloader", None)):
-            raise RuntimeError(
-                "AdaptiveSampling cannot find where this Lightning version requests the train DataLoader "
-                "(`trainer.fit_loop._data_source`). Put an `AdaptiveSampler` in your train DataLoader "
-                "yourself."
-            )
-        original = source.dataloader
-        source.dataloader = lambda: self._prepare_loader(original(), trainer)
-        self._patched_source = source
+        self._undo_source = wrap_train_source(trainer, lambda loader: self._prepare_loader(loader, trainer))
+
+    def add_listener(self, listener: Callable[[Tensor, Tensor], None]) -> None:
+        """Call ``listener(indices, losses)`` at each epoch end with the epoch's per-sample losses (global draw
+        order, identical on every rank), e.g. ``SynthesisEngine.observe``."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
 
     def _capture_target(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.capture_module is None:
@@ -193,9 +172,9 @@ class AdaptiveSampling(Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._patched_source is not None:
-            del self._patched_source.dataloader  # the instance attribute shadowed the class method
-            self._patched_source = None
+        if self._undo_source is not None:
+            self._undo_source()
+            self._undo_source = None
         self._in_fit = False
 
     @override
@@ -213,7 +192,13 @@ class AdaptiveSampling(Callback):
                 "AdaptiveSampling needs `train_dataloader()` to return one torch DataLoader, got "
                 f"{type(loader).__name__}. Combine several datasets into one Dataset instead."
             )
-        sampler = _find_sampler(loader)
+        sampler = find_sampler(loader)
+        if sampler is not None and self._explicit and sampler is not self.sampler:
+            raise ValueError(
+                f"AdaptiveSampling({', '.join(self._explicit)}=...) would be ignored: the train DataLoader already "
+                "has an AdaptiveSampler (e.g. built by SyntheticDataModule); set them there (`sampler_temperature=`, "
+                "`sampler_uniform_mix=`)."
+            )
         if sampler is None:
             loader, sampler = self._install(loader, trainer)
         elif self.sampler is not None and sampler is not self.sampler:
@@ -233,12 +218,6 @@ class AdaptiveSampling(Callback):
                 "Build it with `DataLoader(dataset, batch_size=..., sampler=AdaptiveSampler(dataset))` or "
                 "set `install_sampler=True`."
             )
-        if isinstance(loader.dataset, IterableDataset) or type(loader.batch_sampler) is not BatchSampler:
-            raise TypeError(
-                "AdaptiveSampling can only install its sampler in a DataLoader over a map-style dataset with "
-                f"`batch_size=` batching, got dataset {type(loader.dataset).__name__} and batch sampler "
-                f"{type(loader.batch_sampler).__name__}."
-            )
         sampler = self.sampler
         if sampler is None:
             seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -252,12 +231,12 @@ class AdaptiveSampling(Callback):
         else:  # a reloaded loader, or this callback reused for another fit: keep the learned weights
             sampler.dataset = loader.dataset  # type: ignore[assignment]
             sampler.num_replicas, sampler.rank = trainer.world_size, trainer.global_rank
-        return _update_dataloader(loader, sampler, mode=RunningStage.TRAINING), sampler
+        return rebuild_loader(loader, sampler, reason="AdaptiveSampling"), sampler
 
     def _bind_loader(self, trainer: pl.Trainer) -> None:
         """Read the sampler and batch size from the DataLoader Lightning actually iterates."""
         loader = trainer.train_dataloader
-        sampler = _find_sampler(loader) if isinstance(loader, DataLoader) else None
+        sampler = find_sampler(loader) if isinstance(loader, DataLoader) else None
         batch_sampler = getattr(loader, "batch_sampler", None)
         if sampler is None or not isinstance(batch_sampler, BatchSampler):
             raise RuntimeError(
@@ -283,7 +262,7 @@ class AdaptiveSampling(Callback):
     # ----------------------------------------------------------------------------------------- per batch
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._capturing and self._captured is None:
-            found = _batch_tensor(output, self._rows.numel())
+            found = batch_tensor(output, self._rows.numel())
             if found is not None:
                 self._captured = found.detach()
 
@@ -366,7 +345,7 @@ class AdaptiveSampling(Callback):
     def _sync(self) -> None:
         """Move this rank's buffered pairs into the gathered buffer, identical on every rank (collective)."""
         pos, idx, values = (
-            (torch.cat(parts) for parts in zip(*self._local, strict=True)) if self._local else _empty_pairs()
+            (torch.cat(parts) for parts in zip(*self._local, strict=True)) if self._local else empty_pairs()
         )
         self._local = []
         trainer = self._trainer
@@ -374,24 +353,16 @@ class AdaptiveSampling(Callback):
             if pos.numel():
                 self._gathered.append((pos, idx, values.cpu()))
             return
-        strategy, device = trainer.strategy, trainer.strategy.root_device
-        counts = strategy.all_gather(torch.tensor([pos.numel()], device=device)).reshape(-1)
-        width = int(counts.max())
-        if width == 0:
-            return
-        keys = torch.full((width, 2), -1, dtype=torch.long, device=device)
-        keys[: pos.numel(), 0], keys[: pos.numel(), 1] = pos.to(device), idx.to(device)
-        padded = torch.zeros(width, 2, device=device)
-        padded[: pos.numel()] = values.to(device)
-        all_keys = strategy.all_gather(keys).reshape(-1, 2).cpu()
-        all_values = strategy.all_gather(padded).reshape(-1, 2).cpu()
-        valid = all_keys[:, 0] >= 0
-        self._gathered.append((all_keys[valid, 0], all_keys[valid, 1], all_values[valid]))
+        comm = StrategyComm(trainer.strategy)
+        keys = comm.gather_uneven(torch.stack([pos, idx], 1)).cpu()
+        values = comm.gather_uneven(values).cpu()
+        if keys.numel():
+            self._gathered.append((keys[:, 0], keys[:, 1], values))
 
-    def _pending(self) -> _Pairs:
+    def _pending(self) -> Pairs:
         """Gathered pairs in global draw order, whatever sync rounds they arrived in."""
         if not self._gathered:
-            return _empty_pairs()
+            return empty_pairs()
         pos, idx, values = (torch.cat(parts) for parts in zip(*self._gathered, strict=True))
         order = torch.sort(pos, stable=True).indices
         return pos[order], idx[order], values[order]
@@ -407,6 +378,8 @@ class AdaptiveSampling(Callback):
                 warnings.simplefilter("ignore", RuntimeWarning)  # every rank sees the same NaNs; warn once
             self.sampler.update(idx, values[:, 1])
         self.last_update = {"indices": idx, "losses": values[:, 0], "scores": values[:, 1]}
+        for listener in self._listeners:
+            listener(idx, values[:, 0])
         if self.log_stats:
             stats = {f"adaptive_sampling/{key}": value for key, value in self.sampler.stats().items()}
             # identical on every rank; syncing only silences Lightning's epoch-level DDP logging warning

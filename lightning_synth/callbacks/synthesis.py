@@ -1,240 +1,123 @@
-"""`SynthesisCallback`: at each train epoch start, turns the latest profile into synthetic data and weights.
+"""`SynthesisCallback`: the Lightning shell of a :class:`~lightning_synth.engine.SynthesisEngine`.
 
-Added for you by :class:`~lightning_synth.data.SyntheticDataModule` (you never need to construct it). Per
-refresh: apply control-API changes on every rank, split each generator's budget across ranks, gather the
-samples so every rank holds the same pool, feed the pool to the sampler, update the synthetic weight from
-quality and learning progress, and log what was decided.
+At each train epoch start it hands the engine the latest profile of its analyzer (explicit reference), the
+epoch, the device and the model, and a communication layer over ``trainer.strategy``; it logs what the engine
+reports. Its sampling callback (explicit reference) passes each epoch's per-sample losses to
+:meth:`SynthesisEngine.observe`. It serves the control API on global rank 0 and stops it on every exit path
+(teardown, ``on_exception``). Added for you by :class:`~lightning_synth.SyntheticDataModule` or returned by
+:func:`lightning_synth.attach`.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
-import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_synth.callbacks.adaptive_sampling import AdaptiveSampling
 from lightning_synth.callbacks.failure_mode import FailureModeCallback
-from lightning_synth.data.weighting import allocate_budget
-from lightning_synth.generators.base import GenerationContext, SyntheticBatch
+from lightning_synth.engine import EpochContext, StrategyComm, SynthesisEngine
 from lightning_synth.logging import image_grid, log_images
-from lightning_synth.profile import WeaknessProfile
-from lightning_synth.progress import track
-
-if TYPE_CHECKING:
-    from lightning_synth.data.datamodule import SyntheticDataModule
 
 __all__ = ["SynthesisCallback"]
 
 
-class SynthesisCallback(Callback):
-    """Drives the refreshes of a :class:`~lightning_synth.data.SyntheticDataModule` (added by it)."""
+def _control_server(controller: Any, host: str, port: int, token: str | None) -> Any:
+    """The control API server (imported on first use: training without the API does not load FastAPI)."""
+    from lightning_synth.control import ControlServer
 
-    def __init__(self, datamodule: SyntheticDataModule) -> None:
-        self.dm = datamodule
-        self.first_profile: WeaknessProfile | None = None
-        self._real_cache: tuple[Tensor, Tensor] | None = None
+    return ControlServer(controller, host=host, port=port, token=token)
+
+
+class SynthesisCallback(Callback):
+    """Drives a :class:`SynthesisEngine` once per train epoch.
+
+    Args:
+        engine: the engine to drive.
+        analyzer: the callback whose ``profile`` the generators aim at (``None``: an empty profile).
+        sampling: the callback that measures per-sample losses; they reach ``engine.observe``.
+        log_images: log grids of each refresh's synthetic samples.
+        serve_api: serve the HTTP control API on global rank 0 while training.
+        api_host: interface of the control API.
+        api_port: port of the control API (0 picks a free one).
+        api_token: bearer token of the control API (generated and printed when ``None``).
+
+    Raises:
+        TypeError: if ``engine``, ``analyzer`` or ``sampling`` has the wrong type.
+    """
+
+    def __init__(
+        self,
+        engine: SynthesisEngine,
+        analyzer: FailureModeCallback | None = None,
+        sampling: AdaptiveSampling | None = None,
+        log_images: bool = True,
+        serve_api: bool = False,
+        api_host: str = "127.0.0.1",
+        api_port: int = 0,
+        api_token: str | None = None,
+    ) -> None:
+        if not isinstance(engine, SynthesisEngine):
+            raise TypeError(f"`engine` must be a SynthesisEngine, got {type(engine).__name__}")
+        if analyzer is not None and not isinstance(analyzer, FailureModeCallback):
+            raise TypeError(f"`analyzer` must be a FailureModeCallback or None, got {type(analyzer).__name__}")
+        if sampling is not None and not isinstance(sampling, AdaptiveSampling):
+            raise TypeError(f"`sampling` must be an AdaptiveSampling or None, got {type(sampling).__name__}")
+        self.engine, self.analyzer, self.sampling = engine, analyzer, sampling
+        if sampling is not None:
+            sampling.add_listener(engine.observe)
+        self.log_images = log_images
+        self.serve_api, self.api_host, self.api_port, self.api_token = serve_api, api_host, api_port, api_token
+        self.server: Any = None
 
     @property
     @override
     def state_key(self) -> str:
         return "SynthesisCallback"
 
-    @classmethod
-    def attach(cls, trainer: L.Trainer, datamodule: SyntheticDataModule) -> None:
-        """Add this callback, and default analyzer/sampling callbacks when the trainer lacks them."""
-        callbacks = _callbacks(trainer)
-        if not any(isinstance(c, FailureModeCallback) for c in callbacks):
-            callbacks.append(FailureModeCallback(batch_adapter=datamodule.adapter))
-        if not any(isinstance(c, AdaptiveSampling) for c in callbacks):
-            callbacks.append(AdaptiveSampling(batch_adapter=datamodule.adapter))
-        if not any(isinstance(c, cls) for c in callbacks):
-            callbacks.append(cls(datamodule))
-
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_rank == 0:
-            self.dm.start_server()
+        if self.serve_api and trainer.global_rank == 0 and self.server is None:
+            server = _control_server(self.engine.controller, self.api_host, self.api_port, self.api_token)
+            server.start()
+            self.server = server
+            rank_zero_info(f"lightning_synth control API at {server.url}")
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm, sampler = self.dm, self.dm.sampler
-        if sampler is None:
-            return
-        changes = dm.controller.sync(trainer)
-        for line in changes:
+        if self.engine.sampler is None:
+            return  # the train loader was not built by a SyntheticDataModule
+        context = EpochContext(epoch=trainer.current_epoch, step=trainer.global_step, device=pl_module.device,
+                               task_model=pl_module)
+        profile = self.analyzer.profile if self.analyzer is not None else None
+        report = self.engine.epoch_start(profile, context, StrategyComm(trainer.strategy))
+        for line in report.changes:
             rank_zero_info(f"lightning_synth settings: {line}")
-        settings = dm.controller.settings
-        sampler.temperature, sampler.uniform_mix = settings.sampler_temperature, settings.sampler_uniform_mix
-        measured = self._measured_profile(trainer)
-        if measured is not None and self.first_profile is None:
-            self.first_profile = measured
-        # Before the first analysis the profile is empty: generators then spread over the whole bank.
-        profile = settings.effective_profile(measured) or WeaknessProfile()
-        metrics: dict[str, float] = {}
-        due = trainer.current_epoch % settings.refresh_every_n_epochs == 0
-        if due and not settings.paused and settings.synthetic_budget > 0:
-            metrics.update(self._refresh(trainer, pl_module, profile))
-        metrics.update(self._reweight(trainer))
-        dm.controller.publish(profile=measured, pool=dm.pool.stats(), sampler=sampler.stats(),
-                              weighting={"weight": dm.weighting.weight, "reason": dm.weighting.reason},
-                              epoch=trainer.current_epoch)
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=False)
+        if report.generated:
+            made = ", ".join(f"{name} {count}" for name, count in report.generated.items())
+            rank_zero_info(f"lightning_synth epoch {trainer.current_epoch}: generated {made}; pool "
+                           f"{len(self.engine.pool)}, synthetic weight {report.metrics['synth/weight']:.3f}")
+        if self.log_images and report.samples:
+            log_images(trainer, "synth/samples", {k: image_grid(v) for k, v in report.samples.items()})
+        pl_module.log_dict(report.metrics, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=False)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rank_zero_info(self.summary(trainer))
+        rank_zero_info(self.engine.summary())
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"first_profile": self.first_profile and self.first_profile.to_json()}
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.stop_server()
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        first = state_dict.get("first_profile")
-        self.first_profile = WeaknessProfile.from_json(first) if first else None
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.stop_server()
 
-    # ------------------------------------------------------------------------------------- helpers
-    def _measured_profile(self, trainer: L.Trainer) -> WeaknessProfile | None:
-        for callback in _callbacks(trainer):
-            if isinstance(callback, FailureModeCallback) and callback.profile is not None:
-                return callback.profile
-        return None
-
-    def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule, profile: WeaknessProfile) -> dict[str, float]:
-        dm, sampler, mixed = self.dm, self.dm.sampler, self.dm.mixed
-        assert sampler is not None and mixed is not None
-        names = [g.name for g in dm.generators]
-        mass = sampler.group_mass()
-        by_generator = {n: mass.get(f"synthetic/{n}", 0.0) for n in names}
-        settings = dm.controller.settings
-        if settings.generator_mix:
-            budgets = settings.generator_budgets(names)
-        else:
-            budgets = allocate_budget(settings.synthetic_budget, by_generator, min_share=dm.min_generator_share)
-        if self._real_cache is None:
-            self._real_cache = dm.real_cache()
-        metrics: dict[str, float] = {}
-        grids: dict[str, Tensor] = {}
-        # One step per generator; shown only where the trainer shows its own bar (global rank 0).
-        for gi, generator in enumerate(track(dm.generators, trainer, "Synthesis", label=lambda g: g.name)):
-            batch = self._generate_shared(trainer, pl_module, gi, profile, budgets[generator.name])
-            if batch is None or len(batch) == 0:
-                continue
-            update = dm.pool.add(batch, trainer.current_epoch)
-            sampler.resize(len(mixed))
-            sampler.reset(update.changed + mixed.num_real)  # replaced slots hold new samples: forget their losses
-            dm.generated[generator.name] = dm.generated.get(generator.name, 0) + len(batch)
-            metrics[f"synth/generated/{generator.name}"] = float(len(batch))
-            grids[generator.name] = image_grid(batch.inputs[:32])
-        groups = dm.pool.indices_by_generator().items()
-        sampler.set_groups({f"synthetic/{g}": idx + mixed.num_real for g, idx in groups})
-        for name, count in budgets.items():
-            metrics[f"synth/budget/{name}"] = float(count)
-        if dm.log_images and grids:
-            log_images(trainer, "synth/samples", grids)
-        return metrics
-
-    def _generate_shared(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, index: int, profile: WeaknessProfile, budget: int
-    ) -> SyntheticBatch | None:
-        """Each rank makes its share of ``budget``; the shares are gathered so every rank has all of them."""
-        world, rank = max(trainer.world_size, 1), trainer.global_rank
-        share = budget // world + int(rank < budget % world)
-        generator = self.dm.generators[index]
-        local: SyntheticBatch | None = None
-        if share > 0:
-            seed = hash((self.dm.seed, trainer.current_epoch, index, rank)) % (2**62)
-            assert self._real_cache is not None
-            inputs, targets = self._real_cache
-            context = GenerationContext(
-                real_inputs=inputs, real_targets=targets, num_classes=int(targets.max()) + 1,
-                generator=torch.Generator().manual_seed(seed), device=pl_module.device,
-                epoch=trainer.current_epoch, task_model=pl_module,
-            )
-            was_training = pl_module.training
-            pl_module.eval()
-            try:
-                local = generator.generate(profile, share, context)
-            except Exception as error:  # a generator's failure must not stop training
-                warnings.warn(f"Generator {generator.name!r} failed and is skipped this epoch: {error!r}",
-                              stacklevel=2)
-                local = None
-            finally:
-                pl_module.train(was_training)
-        if world == 1 or not (dist.is_available() and dist.is_initialized()):
-            return local
-        # Stateful generators (a GAN fitted in the loop) must stay identical on every rank: rank 0's state wins.
-        state = generator.state_dict()
-        if state:
-            generator.load_state_dict(trainer.strategy.broadcast(state, src=0))
-        parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, local)
-        batches = [p for p in parts if p is not None and len(p) > 0]
-        if not batches:
-            return None
-        return SyntheticBatch(
-            inputs=torch.cat([b.inputs for b in batches]), targets=torch.cat([b.targets for b in batches]),
-            weakness=[w for b in batches for w in b.weakness], quality=torch.cat([b.quality for b in batches]),
-            generator=batches[0].generator,
-        )
-
-    def _reweight(self, trainer: L.Trainer) -> dict[str, float]:
-        dm, sampler = self.dm, self.dm.sampler
-        assert sampler is not None and dm.mixed is not None
-        num_real = dm.mixed.num_real
-        synthetic_loss = real_loss = None
-        for callback in _callbacks(trainer):
-            if isinstance(callback, AdaptiveSampling) and callback.last_update:
-                indices, losses = callback.last_update["indices"], callback.last_update["losses"].double()
-                synthetic = indices >= num_real
-                if synthetic.any():
-                    synthetic_loss = float(losses[synthetic].mean())
-                if (~synthetic).any():
-                    real_loss = float(losses[~synthetic].mean())
-        automatic = dm.weighting.update(synthetic_loss, dm.pool.mean_quality, trainer.current_epoch)
-        weight = dm.controller.settings.resolve_weight(automatic)
-        for name in sampler.group_names:
-            if name.startswith("synthetic/"):
-                sampler.set_group_scale(name, weight)
-        mass = sampler.group_mass()
-        metrics = {
-            "synth/weight": float(weight),
-            "synth/pool_size": float(len(dm.pool)),
-            "synth/mass_synthetic": float(sum(v for k, v in mass.items() if k.startswith("synthetic/"))),
-        }
-        if dm.pool.mean_quality is not None:
-            metrics["synth/quality"] = float(dm.pool.mean_quality)
-        if synthetic_loss is not None:
-            metrics["synth/loss_synthetic"] = synthetic_loss
-        if real_loss is not None:
-            metrics["synth/loss_real"] = real_loss
-        for name, count in dm.pool.stats().get("count_by_generator", {}).items():
-            metrics[f"synth/pool/{name}"] = float(count)
-        return metrics
-
-    def summary(self, trainer: L.Trainer) -> str:
-        """Top weaknesses at the start and at the end of fit, and what was generated for each."""
-        last = self._measured_profile(trainer)
-        lines = ["lightning_synth summary"]
-        for title, profile in (("first analysis", self.first_profile), ("last analysis", last)):
-            if profile is None:
-                lines.append(f"  {title}: none")
-                continue
-            top = ", ".join(f"{w.key} ({w.gap:+.3f})" for w in profile.top(5))
-            lines.append(f"  {title} (epoch {profile.epoch}, clean error {profile.clean_error:.3f}): {top}")
-        lines.append(f"  generated: {self.dm.generated or 'nothing'}")
-        by_weakness = self.dm.pool.stats().get("count_by_weakness", {})
-        top_w = sorted(by_weakness.items(), key=lambda kv: -kv[1])[:8]
-        lines.append("  pool by weakness: " + (", ".join(f"{k}: {v}" for k, v in top_w) or "empty"))
-        return "\n".join(lines)
-
-
-def _callbacks(trainer: L.Trainer) -> list[Callback]:
-    return trainer.callbacks  # type: ignore[attr-defined,no-any-return]
+    def stop_server(self) -> None:
+        """Stop the control API if it runs (idempotent)."""
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop()

@@ -1,6 +1,12 @@
-"""Data: the synthetic pool, the adaptive sampler, weighting, and the wrapping datamodule."""
+"""Data: the synthetic pool, the adaptive sampler, weighting, the mixed dataset and the loader rebuild.
 
-from lightning_synth.data.datamodule import SyntheticDataModule
+Nothing here imports Lightning callbacks. ``SyntheticDataModule`` lives in the Lightning shell
+(:mod:`lightning_synth.datamodule`); ``lightning_synth.data.SyntheticDataModule`` still resolves to it.
+"""
+
+from typing import Any
+
+from lightning_synth.data.loader import rebuild_loader
 from lightning_synth.data.mixed import MixedDataset
 from lightning_synth.data.pool import PoolSample, PoolUpdate, SyntheticPool
 from lightning_synth.data.sampler import AdaptiveSampler
@@ -11,8 +17,16 @@ __all__ = [
     "MixedDataset",
     "PoolSample",
     "PoolUpdate",
-    "SyntheticDataModule",
     "SyntheticPool",
     "SyntheticWeighting",
     "allocate_budget",
+    "rebuild_loader",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SyntheticDataModule":  # the old import path; resolved on use, so data/ imports no callback
+        from lightning_synth.datamodule import SyntheticDataModule
+
+        return SyntheticDataModule
+    raise AttributeError(f"module 'lightning_synth.data' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from lightning_synth.batch import TARGET_KEYS, BatchAdapter
 from lightning_synth.data.pool import SyntheticPool
+from lightning_synth.value_range import ValueRange
 
 __all__ = ["MixedDataset"]
 
@@ -19,8 +20,10 @@ class MixedDataset(Dataset):
     """Indices ``0..n_real-1`` are the user's real samples, ``n_real..`` the synthetic pool's.
 
     A synthetic sample is written into the structure of a real one (``template``) with the batch adapter,
-    so the user's ``training_step`` sees one format: a tuple stays a tuple, a dict keeps its keys (fields
-    other than inputs and target are copied from the template), a Python-int target stays an int.
+    so the user's ``training_step`` sees one format: a tuple stays a tuple, a dict keeps its keys, a
+    Python-int target stays an int. Fields other than inputs and target get ``-1`` (numbers and integer
+    tensors; other values are copied from the template): a synthetic sample has no group or id of its own.
+    Pool inputs are in [0, 1]; ``value_range`` maps them back to the user's range and dtype.
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -30,7 +33,8 @@ class MixedDataset(Dataset):
         (3, 2)
     """
 
-    def __init__(self, real: Dataset, pool: SyntheticPool, adapter: BatchAdapter | None = None) -> None:
+    def __init__(self, real: Dataset, pool: SyntheticPool, adapter: BatchAdapter | None = None,
+                 value_range: ValueRange | None = None) -> None:
         if not isinstance(real, Sized):
             raise TypeError(f"`real` must be a sized map-style dataset, got {type(real).__name__}")
         if len(real) == 0:
@@ -39,6 +43,7 @@ class MixedDataset(Dataset):
         self.adapter = adapter or BatchAdapter()
         self.num_real = len(real)
         self.template = real[0]
+        self.value_range = value_range or ValueRange()
 
     def __len__(self) -> int:
         return self.num_real + len(self.pool)
@@ -47,7 +52,7 @@ class MixedDataset(Dataset):
         if index < self.num_real:
             return self.real[index]
         inputs, target = self.pool[index - self.num_real]
-        return self._as_real(inputs, target)
+        return self._as_real(self.value_range.from_unit(inputs), target)
 
     def _as_real(self, inputs: Tensor, target: Tensor) -> Any:
         template = self.template
@@ -56,10 +61,21 @@ class MixedDataset(Dataset):
             template_target.dtype if isinstance(template_target, Tensor) else torch.long)
         packed = self.adapter.pack(template, inputs, value)
         if isinstance(template, Mapping):
-            return {**template, **packed}
+            return {**{k: _unset(v) for k, v in template.items()}, **packed}
         if isinstance(template, (tuple, list)) and len(template) > 2:
-            return type(template)([*packed, *template[2:]])
+            return type(template)([*packed, *(_unset(v) for v in template[2:])])
         return packed
+
+
+def _unset(value: Any) -> Any:
+    """``-1`` in the type of ``value`` (extra fields of a synthetic sample), or ``value`` when it has none."""
+    if isinstance(value, Tensor) and not value.dtype.is_floating_point and value.dtype != torch.bool:
+        return torch.full_like(value, -1)
+    if isinstance(value, Tensor) and value.dtype.is_floating_point:
+        return torch.full_like(value, -1.0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return type(value)(-1)
+    return value
 
 
 def _sample_target(sample: Any, adapter: BatchAdapter) -> Any:

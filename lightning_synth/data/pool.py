@@ -1,83 +1,40 @@
-"""`SyntheticPool`: a bounded, indexable store of synthetic samples and their provenance.
+"""`SyntheticPool`: a bounded, indexable store of synthetic samples, their provenance and their recipes.
 
 Generators add batches each epoch; when the pool is full, an eviction policy chooses which samples make
-room. Everything lives in contiguous CPU tensors and plain lists, so the pool pickles cheaply into
-DataLoader workers and round-trips exactly through ``state_dict``.
+room. Pixels live in contiguous CPU tensors (a cache), so the pool pickles cheaply into DataLoader workers.
+A batch added with a *recipe* (the generation call that made it: generator, seeds, budgets, profile) is
+checkpointed as that recipe plus which of its samples survive, not as pixels: after
+:meth:`~SyntheticPool.load_state_dict` the caller replays :meth:`~SyntheticPool.pending_recipes` and hands the
+outputs back with :meth:`~SyntheticPool.restore_chunk`. Batches added without a recipe (stateful generators
+whose outputs cannot be replayed) keep their pixels in the checkpoint.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_synth.data.pool_checkpoint import PoolCheckpoint
+from lightning_synth.data.pool_records import (
+    DTYPES,
+    EvictionPolicy,
+    PoolSample,
+    PoolUpdate,
+    StorageDtype,
+    bytes_per_sample,
+    decode,
+    empty_provenance,
+    encode,
+)
 from lightning_synth.generators.base import SyntheticBatch
 
 __all__ = ["EvictionPolicy", "PoolSample", "PoolUpdate", "StorageDtype", "SyntheticPool"]
 
-EvictionPolicy = Literal["oldest", "lowest_quality", "learned", "random"]
-StorageDtype = Literal["float32", "float16", "uint8"]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
-_PROVENANCE = {
-    "quality": torch.float32,
-    "epoch": torch.int64,
-    "sample_id": torch.int64,
-    "loss": torch.float32,
-    "generator": torch.int32,
-    "weakness": torch.int32,
-}
-_STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class PoolUpdate:
-    """What one :meth:`SyntheticPool.add` changed.
-
-    Attributes:
-        positions: where each stored sample of the batch landed, in batch order (appended first, then
-            replaced slots in ascending order).
-        appended: positions that did not exist before (the pool grew).
-        replaced: positions whose previous sample was evicted, ascending.
-        evicted_ids: the ``sample_id`` of each evicted sample, aligned with ``replaced``.
-        sample_ids: the ids given to the stored samples, aligned with ``positions``.
-        dropped: batch samples not stored because the batch alone exceeded the pool's capacity.
-        size: pool length after the update.
-    """
-
-    positions: Tensor
-    appended: Tensor
-    replaced: Tensor
-    evicted_ids: Tensor
-    sample_ids: Tensor
-    dropped: int
-    size: int
-
-    @property
-    def changed(self) -> Tensor:
-        """All positions whose content changed, ascending (reset their loss history)."""
-        return torch.sort(self.positions).values
-
-
-@dataclass(frozen=True)
-class PoolSample:
-    """One sample with its provenance, as returned by :meth:`SyntheticPool.get`."""
-
-    inputs: Tensor
-    target: Tensor
-    generator: str
-    weakness: str
-    quality: float
-    epoch: int
-    sample_id: int
-    loss: float | None
-
-
-class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
+class SyntheticPool(PoolCheckpoint, Dataset[tuple[Tensor, Tensor]]):
     """A bounded pool of synthetic samples with provenance and a deterministic eviction policy.
 
     Args:
@@ -123,8 +80,8 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
             raise ValueError(f"`max_bytes` must be None or an int >= 1, got {max_bytes!r}")
         if eviction not in get_args(EvictionPolicy):
             raise ValueError(f"`eviction` must be one of {get_args(EvictionPolicy)}, got {eviction!r}")
-        if storage_dtype not in _DTYPES:
-            raise ValueError(f"`storage_dtype` must be one of {tuple(_DTYPES)}, got {storage_dtype!r}")
+        if storage_dtype not in DTYPES:
+            raise ValueError(f"`storage_dtype` must be one of {tuple(DTYPES)}, got {storage_dtype!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int, got {seed!r}")
         self.max_samples = max_samples
@@ -134,13 +91,16 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
         self.seed = seed
         self._next_id = 0
         self._evicted = 0
-        self._store: dict[str, Tensor] = _empty_provenance()
+        self._store: dict[str, Tensor] = empty_provenance()
         self._size = 0
         self._bytes_per_sample = 0
         self._generator_names: list[str] = []
         self._weakness_names: list[str] = []
         self._weakness_index: dict[str, int] = {}
         self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        self._chunks: dict[int, dict[str, Any]] = {}
+        self._next_chunk = 0
+        self._missing = torch.zeros(0, dtype=torch.bool)  # positions whose pixels await a replay
 
     # ----------------------------------------------------------------------------------------- reading
     def __len__(self) -> int:
@@ -148,6 +108,11 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         i = self._position(index)
+        if self._missing[i]:
+            raise RuntimeError(
+                f"pool sample {i} was restored from a checkpoint as a recipe and has not been replayed yet; "
+                "replay `pending_recipes()` and pass the outputs to `restore_chunk()` first"
+            )
         return self._decode(self._store["inputs"][i]), self._store["targets"][i].clone()
 
     def get(self, index: int) -> PoolSample:
@@ -227,11 +192,12 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
         }
 
     # ----------------------------------------------------------------------------------------- writing
-    def add(self, batch: SyntheticBatch, epoch: int) -> PoolUpdate:
+    def add(self, batch: SyntheticBatch, epoch: int, recipe: dict[str, Any] | None = None) -> PoolUpdate:
         """Store ``batch`` (made at ``epoch``), evicting by the pool's policy when full.
 
         A batch larger than the capacity keeps its first ``capacity`` samples (its best by quality under
-        ``"lowest_quality"``) and replaces the whole pool.
+        ``"lowest_quality"``) and replaces the whole pool. With a ``recipe`` (a picklable description of the
+        call that made ``batch``, replayable by the caller), checkpoints carry the recipe instead of pixels.
 
         Raises:
             TypeError: if ``batch`` is not a :class:`SyntheticBatch` or its inputs are not floating point.
@@ -253,8 +219,13 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
         evicted_ids = self._store["sample_id"][replaced].clone()
         self._reserve(self._size + n_append)
         positions = torch.cat([appended, replaced])
-        self._write(positions, batch, keep, epoch)
+        chunk = -1
+        if recipe is not None:
+            chunk, self._next_chunk = self._next_chunk, self._next_chunk + 1
+            self._chunks[chunk] = dict(recipe)
+        self._write(positions, batch, keep, epoch, chunk)
         self._size += n_append
+        self._forget_dead_chunks()
         self._evicted += len(replaced)
         return self._update(positions, n_append, evicted_ids, len(batch) - m)
 
@@ -292,78 +263,18 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
         seen = counts > 0
         self._store["loss"][: self._size][seen] = (sums[seen] / counts[seen]).float()
 
-    def remove_generator(self, name: str) -> Tensor:
-        """Drop every sample of generator ``name`` (a no-op when it has none) and compact the pool.
-
-        Returns:
-            ``(old_len,)`` map from old position to new position, ``-1`` where a sample was removed.
-        """
-        codes = self._store["generator"][: self._size]
-        keep = torch.ones(self._size, dtype=torch.bool)
-        if name in self._generator_names:
-            keep = codes != self._generator_names.index(name)
-        mapping = torch.full((self._size,), -1, dtype=torch.long)
-        mapping[keep] = torch.arange(int(keep.sum()))
-        for values in self._store.values():
-            kept = values[: self._size][keep].clone()
-            values[: len(kept)] = kept
-        self._size = int(keep.sum())
-        return mapping
-
     def clear(self) -> None:
         """Remove every sample and forget the sample shape (ids keep increasing; the RNG is kept)."""
-        self._store = _empty_provenance()
+        self._store = empty_provenance()
         self._size = 0
         self._bytes_per_sample = 0
         self._generator_names = []
         self._weakness_names = []
         self._weakness_index = {}
+        self._chunks = {}
+        self._missing = torch.zeros(0, dtype=torch.bool)
 
     # ------------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": _STATE_VERSION,
-            "storage_dtype": self.storage_dtype,
-            "store": {key: values[: self._size].clone() for key, values in self._store.items()},
-            "generator_names": list(self._generator_names),
-            "weakness_names": list(self._weakness_names),
-            "next_id": self._next_id,
-            "evicted": self._evicted,
-            "rng_state": self._rng_state.clone(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the pool exactly (inputs are converted when ``storage_dtype`` changed).
-
-        Raises:
-            ValueError: if the state is from another version or holds more samples than this pool's bounds.
-        """
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"pool state version {state_dict.get('version')!r} is not {_STATE_VERSION}")
-        store = {key: values.clone() for key, values in state_dict["store"].items()}
-        if "inputs" in store and state_dict["storage_dtype"] != self.storage_dtype:
-            decoded = _decode(store["inputs"], state_dict["storage_dtype"])
-            store["inputs"] = _encode(decoded, self.storage_dtype)
-        self.clear()
-        self._next_id = int(state_dict["next_id"])
-        self._evicted = int(state_dict["evicted"])
-        self._rng_state = state_dict["rng_state"].clone()
-        self._generator_names = list(state_dict["generator_names"])
-        self._weakness_names = list(state_dict["weakness_names"])
-        self._weakness_index = {name: i for i, name in enumerate(self._weakness_names)}
-        if "inputs" in store:
-            self._store = store
-            self._bytes_per_sample = _bytes_per_sample(store)
-            self._size = len(store["sample_id"])
-            if self._size > self.capacity:
-                size = self._size
-                self.clear()
-                raise ValueError(
-                    f"the saved pool holds {size} samples but `max_samples`={self.max_samples} and "
-                    f"`max_bytes`={self.max_bytes} allow {self.capacity}; raise the bounds to resume"
-                )
-
-    # ----------------------------------------------------------------------------------------- helpers
     def _position(self, index: int) -> int:
         i = int(index)
         if i < 0:
@@ -373,7 +284,7 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
         return i
 
     def _decode(self, inputs: Tensor) -> Tensor:
-        return _decode(inputs, self.storage_dtype)
+        return decode(inputs, self.storage_dtype)
 
     def _check_batch(self, batch: SyntheticBatch) -> None:
         inputs, targets = batch.inputs, batch.targets
@@ -401,11 +312,11 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
 
     def _allocate(self, inputs: Tensor, targets: Tensor) -> None:
         store = {
-            "inputs": torch.empty((0, *inputs.shape[1:]), dtype=_DTYPES[self.storage_dtype]),
+            "inputs": torch.empty((0, *inputs.shape[1:]), dtype=DTYPES[self.storage_dtype]),
             "targets": torch.empty((0, *targets.shape[1:]), dtype=targets.dtype),
         }
-        store.update(_empty_provenance())
-        self._bytes_per_sample = _bytes_per_sample(store)
+        store.update(empty_provenance())
+        self._bytes_per_sample = bytes_per_sample(store)
         if self.capacity < 1:
             bps = self._bytes_per_sample
             self._bytes_per_sample = 0
@@ -425,6 +336,9 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
             grown = torch.empty((new, *values.shape[1:]), dtype=values.dtype)
             grown[: self._size] = values[: self._size]
             self._store[key] = grown
+        missing = torch.zeros(new, dtype=torch.bool)
+        missing[: self._size] = self._missing[: self._size]
+        self._missing = missing
 
     def _select_incoming(self, batch: SyntheticBatch) -> Tensor:
         n, capacity = len(batch), self.capacity
@@ -451,7 +365,7 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
             order = order[torch.argsort(key, stable=True)]
         return torch.sort(order[:k]).values
 
-    def _write(self, positions: Tensor, batch: SyntheticBatch, keep: Tensor, epoch: int) -> None:
+    def _write(self, positions: Tensor, batch: SyntheticBatch, keep: Tensor, epoch: int, chunk: int) -> None:
         s, m = self._store, len(keep)
         if batch.generator not in self._generator_names:
             self._generator_names.append(batch.generator)
@@ -460,7 +374,7 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
             if key not in self._weakness_index:
                 self._weakness_index[key] = len(self._weakness_names)
                 self._weakness_names.append(key)
-        s["inputs"][positions] = _encode(batch.inputs.detach().cpu()[keep], self.storage_dtype)
+        s["inputs"][positions] = encode(batch.inputs.detach().cpu()[keep], self.storage_dtype)
         s["targets"][positions] = batch.targets.detach().cpu()[keep].to(s["targets"].dtype)
         s["quality"][positions] = batch.quality.detach().cpu()[keep].float()
         s["epoch"][positions] = epoch
@@ -469,6 +383,11 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
         s["generator"][positions] = self._generator_names.index(batch.generator)
         codes = [self._weakness_index[key] for key in weakness]
         s["weakness"][positions] = torch.tensor(codes, dtype=torch.int32)
+        s["chunk"][positions] = chunk
+        s["offset"][positions] = keep
+        source = batch.source_index if batch.source_index is not None else torch.full((len(batch),), -1)
+        s["source_index"][positions] = source.detach().cpu().long()[keep]
+        self._missing[positions] = False
         self._next_id += m
 
     def _update(self, positions: Tensor, n_append: int, evicted_ids: Tensor, dropped: int) -> PoolUpdate:
@@ -486,23 +405,3 @@ class SyntheticPool(Dataset[tuple[Tensor, Tensor]]):
     @staticmethod
     def _bincount(codes: Tensor, size: int) -> list[int]:
         return torch.bincount(codes.long(), minlength=size).tolist() if size else []
-
-
-def _empty_provenance() -> dict[str, Tensor]:
-    return {key: torch.empty(0, dtype=dtype) for key, dtype in _PROVENANCE.items()}
-
-
-def _encode(inputs: Tensor, storage_dtype: str) -> Tensor:
-    if storage_dtype == "uint8":
-        return (inputs.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return inputs.to(_DTYPES[storage_dtype])
-
-
-def _decode(inputs: Tensor, storage_dtype: str) -> Tensor:
-    if storage_dtype == "uint8":
-        return inputs.float() / 255
-    return inputs.to(torch.float32, copy=True)
-
-
-def _bytes_per_sample(store: dict[str, Tensor]) -> int:
-    return sum(math.prod(values.shape[1:]) * values.element_size() for values in store.values())

@@ -13,6 +13,9 @@ import math
 import warnings
 from typing import Any, Literal
 
+from lightning_synth._validation import check_int
+from lightning_synth.allocation import largest_remainder
+
 __all__ = ["SyntheticWeighting", "allocate_budget"]
 
 
@@ -115,14 +118,8 @@ class SyntheticWeighting:
 
     @property
     def base_weight(self) -> float:
+        """The weight with no plateau and reference quality (fixed at construction)."""
         return self._base_weight
-
-    @base_weight.setter
-    def base_weight(self, value: float) -> None:
-        """Set the base weight (e.g. from the control API); the weight follows at once (``"manual"``)."""
-        self._check_base(value, self.min_weight, self.max_weight)
-        self._base_weight = float(value)
-        self._set_weight(["manual"])
 
     def update(self, synthetic_loss: float | None, quality: float | None, epoch: int) -> float:
         """Fold in one epoch's signals and return the new weight.
@@ -233,35 +230,28 @@ class SyntheticWeighting:
             )
 
 
-def allocate_budget(
-    total: int, mass: dict[str, float], min_share: float = 0.1, mix: dict[str, float] | None = None
-) -> dict[str, int]:
-    """Split ``total`` synthetic samples across generators.
+def allocate_budget(total: int, mass: dict[str, float], min_share: float = 0.1) -> dict[str, int]:
+    """Split ``total`` synthetic samples across generators by the sampler mass their samples received.
 
-    Each generator gets ``min_share`` of the total, and the rest goes in proportion to ``mass`` (the
-    sampler mass its samples received; a uniform split when all mass is zero). An explicit ``mix``
-    replaces both: shares proportional to it, generators missing from it get nothing. Counts are
-    rounded by largest remainder (ties by name), so they sum to ``total`` and are the same on every rank.
+    Each generator gets ``min_share`` of the total, and the rest goes in proportion to ``mass`` (a uniform
+    split when all mass is zero). Counts are rounded by :func:`~lightning_synth.allocation.largest_remainder`,
+    so they sum to ``total`` and are the same on every rank. (A user-fixed mix is
+    ``SynthesisSettings.generator_budgets``.)
 
     Args:
         total: the number of samples to split.
         mass: generator name -> non-negative mass; every generator that may generate must appear
             (with 0 if it has no samples yet).
         min_share: the floor of each generator's share, in [0, 1 / len(mass)].
-        mix: generator name -> non-negative weight, a user-fixed mix.
 
     Raises:
-        ValueError: on a negative total, empty or negative mass, an out-of-range ``min_share`` or a
-            ``mix`` naming unknown generators or summing to 0.
+        ValueError: on a negative total, empty or negative mass or an out-of-range ``min_share``.
 
     Example:
         >>> allocate_budget(100, {"aug": 3.0, "gan": 1.0, "scenario": 0.0}, min_share=0.1)
         {'aug': 63, 'gan': 27, 'scenario': 10}
-        >>> allocate_budget(10, {"aug": 3.0, "gan": 1.0}, mix={"gan": 1.0})
-        {'aug': 0, 'gan': 10}
     """
-    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-        raise ValueError(f"`total` must be an int >= 0, got {total!r}")
+    check_int("total", total, 0)
     if not mass:
         raise ValueError("`mass` must name at least one generator, got {}")
     bad = {k: v for k, v in mass.items() if not _is_number(v) or v < 0}
@@ -271,35 +261,9 @@ def allocate_budget(
         raise ValueError(
             f"`min_share` must be in [0, 1/{len(mass)}] for {len(mass)} generators, got {min_share!r}"
         )
-    if mix is not None:
-        shares = _mix_shares(mix, mass)
-    else:
-        total_mass = sum(mass.values())
-        free = 1.0 - min_share * len(mass)
-        shares = {
-            name: min_share + free * (m / total_mass if total_mass > 0 else 1 / len(mass))
-            for name, m in mass.items()
-        }
-    return _largest_remainder(total, shares)
-
-
-def _mix_shares(mix: dict[str, float], mass: dict[str, float]) -> dict[str, float]:
-    unknown = sorted(set(mix) - set(mass))
-    if unknown:
-        raise ValueError(f"`mix` names unknown generators {unknown}; known: {sorted(mass)}")
-    bad = {k: v for k, v in mix.items() if not _is_number(v) or v < 0}
-    if bad or sum(mix.values()) <= 0:
-        raise ValueError(f"`mix` values must be finite, >= 0 and sum to > 0, got {mix}")
-    norm = sum(mix.values())
-    return {name: mix.get(name, 0.0) / norm for name in mass}
-
-
-def _largest_remainder(total: int, shares: dict[str, float]) -> dict[str, int]:
-    exact = {name: total * share for name, share in shares.items()}
-    # The epsilon keeps float error (0.1 * 30 = 2.9999...) from costing a generator its floor.
-    counts = {name: math.floor(x + 1e-9) for name, x in exact.items()}
-    left = total - sum(counts.values())
-    order = sorted(exact, key=lambda name: (-round(exact[name] - counts[name], 9), name))
-    for name in order[:left]:
-        counts[name] += 1
-    return counts
+    total_mass = sum(mass.values())
+    free = 1.0 - min_share * len(mass)
+    shares = {
+        name: min_share + free * (m / total_mass if total_mass > 0 else 1 / len(mass)) for name, m in mass.items()
+    }
+    return largest_remainder(total, shares)

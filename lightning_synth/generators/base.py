@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_synth.profile import WeaknessProfile
+from lightning_synth.value_range import ValueRange
 
 __all__ = ["GenerationContext", "SyntheticBatch", "SyntheticGenerator"]
 
@@ -28,6 +29,8 @@ class SyntheticBatch:
         - targets: ``(N,)`` int64 class labels
         - quality: ``(N,)`` float in [0, 1] (1 when the generator has no realism score)
         - weakness: ``N`` weakness keys (``WeaknessProfile`` keys such as ``"perturbation/rotation@3"``)
+        - source_index: ``(N,)`` int64 index of the real sample (in ``context.real_inputs``) each sample was
+          made from, -1 where none; ``None`` when the generator does not say
     """
 
     inputs: Tensor
@@ -35,10 +38,12 @@ class SyntheticBatch:
     weakness: list[str]
     quality: Tensor
     generator: str
+    source_index: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.inputs.shape[0]
-        if not (self.targets.shape[0] == len(self.weakness) == self.quality.shape[0] == n):
+        sources = n if self.source_index is None else self.source_index.shape[0]
+        if not (self.targets.shape[0] == len(self.weakness) == self.quality.shape[0] == sources == n):
             raise ValueError(
                 f"SyntheticBatch fields disagree on length: inputs {n}, targets {self.targets.shape[0]}, "
                 f"weakness {len(self.weakness)}, quality {self.quality.shape[0]}"
@@ -57,14 +62,17 @@ class GenerationContext:
     """What a generator may draw on besides the profile.
 
     Attributes:
-        real_inputs: a cached sample of real training inputs ``(M, C, H, W)`` to transform.
+        real_inputs: a cached sample of real training inputs ``(M, C, H, W)`` to transform, float in [0, 1]
+            (the engine maps the user's range and dtype to [0, 1] and the outputs back, see ``value_range``).
         real_targets: their labels ``(M,)``.
         num_classes: number of classes of the task.
-        generator: a seeded RNG, identical on every rank, so that every rank makes the same samples.
+        generator: a seeded RNG. The engine seeds it per rank and per call, and records the seed: the same
+            profile, budget and seed must give the same samples (the pool checkpoints that call, not pixels).
         device: where to compute (the task model's device).
         epoch: current epoch.
         task_model: the model being trained (eval mode is the caller's job), or ``None``.
         extras: free-form additions (e.g. real slice attributes under ``"slices"``).
+        value_range: the range and dtype of the user's real inputs (already mapped to [0, 1] here).
     """
 
     real_inputs: Tensor
@@ -75,6 +83,7 @@ class GenerationContext:
     epoch: int = 0
     task_model: nn.Module | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    value_range: ValueRange = field(default_factory=ValueRange)
 
     def sample_real(self, n: int, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``n`` real samples (with replacement), restricted to ``classes`` when given."""
@@ -90,11 +99,26 @@ class GenerationContext:
 class SyntheticGenerator(ABC):
     """Base class: subclasses implement :meth:`generate`; stateful ones override the state methods.
 
+    ``generate`` receives real inputs as float in [0, 1] and returns inputs in [0, 1] with at most
+    ``budget`` samples; the engine validates every output and skips a generator whose output breaks the
+    contract (with a warning naming it).
+
     Attributes:
         name: unique name used in provenance, logs and the control API's generator mix.
     """
 
     name: str = "generator"
+
+    @property
+    def replayable(self) -> bool:
+        """Whether :meth:`generate` is a pure function of (profile, budget, context with its seed).
+
+        Replayable generators' samples are checkpointed as the call that made them, and re-made on resume;
+        others' samples keep their pixels in the checkpoint. Default: stateless generators (an empty
+        :meth:`state_dict`) are replayable; override when that is wrong (e.g. a generator that reads
+        ``context.task_model``).
+        """
+        return not self.state_dict()
 
     @abstractmethod
     def generate(self, profile: WeaknessProfile, budget: int, context: GenerationContext) -> SyntheticBatch:

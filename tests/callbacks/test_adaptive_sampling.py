@@ -289,3 +289,20 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path):
         assert len(rank0["indices"]) == 2 * len(rank0["epoch_indices"])  # every row of both ranks arrived
         single.update(torch.tensor(rank0["indices"]), torch.tensor(rank0["scores"]))
     assert single.probabilities().tolist() == ranks[0]["probabilities"]
+
+
+def test_train_source_hook_supported(tkw):
+    """The one private Lightning attribute lightning_synth touches (``fit_loop._data_source``), pinned to the
+    Lightning versions it is known to exist in; a new Lightning release must be checked and the range widened."""
+    import lightning
+    from packaging.version import Version
+
+    from lightning_synth.callbacks._hooks import wrap_train_source
+
+    assert Version("2.1") <= Version(lightning.__version__) < Version("2.7"), lightning.__version__
+    trainer = L.Trainer(max_epochs=1, **tkw())
+    seen = []
+    undo = wrap_train_source(trainer, lambda loader: seen.append(loader) or loader)
+    assert callable(undo)
+    undo()
+    assert "dataloader" not in vars(trainer.fit_loop._data_source)

@@ -153,4 +153,24 @@ def test_ddp_profile_identical_on_ranks_and_equal_to_single_process(tmp_path, tk
     rank1 = WeaknessProfile.from_json((tmp_path / "ddp" / "profile_rank1.json").read_text())
     assert rank0 == rank1
     assert rank0 == single
-    assert single.num_samples == 400 and single.get("perturbation/rotation@5").support == 128
+    assert single.num_samples == 400 and 0 < single.get("perturbation/rotation@5").support <= 128
+
+
+def test_cheaper_probing_keeps_every_cell_and_resumes_its_decisions(tmp_path, tkw):
+    """Sequential stopping and frontier windows probe a fraction of the full sweep; unprobed cells keep their
+    last measurement, so every profile still has every (perturbation, severity) cell."""
+    kwargs = dict(perturbations=["rotation", "gaussian_noise", "brightness"], max_samples=128)
+    full = FailureModeCallback(full_sweep_every=1, sequential=False, **kwargs)
+    L.Trainer(max_epochs=4, callbacks=[full], **tkw()).fit(_model(), datamodule=DigitsDataModule())
+    assert full.probe_forwards == 4 * 128 * 3 * 5
+    cheap = FailureModeCallback(**kwargs)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(max_epochs=4, callbacks=[cheap, ckpt], **tkw(enable_checkpointing=True))
+    trainer.fit(_model(), datamodule=DigitsDataModule())
+    assert cheap.probe_forwards < 0.7 * full.probe_forwards, (cheap.probe_forwards, full.probe_forwards)
+    for profile in cheap.history:
+        assert len(profile.by_kind("perturbation")) == 15
+    state = cheap.state_dict()
+    restored = FailureModeCallback(**kwargs)
+    restored.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][cheap.state_key])
+    assert restored.state_dict() == state

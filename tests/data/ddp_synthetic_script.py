@@ -26,7 +26,8 @@ if __name__ == "__main__":
     out_dir, devices, strategy = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     L.seed_everything(0)
     generator = CountingAugmentation()
-    dm = SyntheticDataModule(DigitsDataModule(batch_size=50), generators=[generator], synthetic_budget=200)
+    dm = SyntheticDataModule(DigitsDataModule(batch_size=50), generators=[generator], synthetic_budget=200,
+                             max_pool_samples=1000)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=3, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         callbacks=[FailureModeCallback(max_samples=100, perturbations=["rotation", "contrast"])],

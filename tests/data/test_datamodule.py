@@ -3,6 +3,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import lightning_synth
 from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SynthesisCallback
 from lightning_synth.data import SyntheticDataModule
 from lightning_synth.datasets import DictDataset, DigitsDataModule, load_digits_tensors
@@ -28,19 +29,24 @@ def test_bad_arguments_raise():
         SyntheticDataModule(DigitsDataModule(), generators=[object()])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="unique names"):
         SyntheticDataModule(DigitsDataModule(), generators=[TargetedAugmentation(), TargetedAugmentation()])
-    with pytest.raises(ValueError, match="`real_cache_size` must be an int >= 1"):
+    with pytest.raises(ValueError, match="`real_cache_size` must be >= 1"):
         SyntheticDataModule(DigitsDataModule(), real_cache_size=0)
     with pytest.raises(ValueError, match="synthetic_budget"):
         SyntheticDataModule(DigitsDataModule(), synthetic_budget=-1)
     with pytest.raises(ValueError, match="`min_generator_share`"):
         SyntheticDataModule(DigitsDataModule(), min_generator_share=0.9)
+    with pytest.raises(ValueError, match=r"`synthetic_budget` must be in \(0.0, 1.0\]"):
+        SyntheticDataModule(DigitsDataModule(), synthetic_budget=1.5)
+    with pytest.raises(TypeError, match="`synthetic_budget` must be an int"):
+        SyntheticDataModule(DigitsDataModule(), synthetic_budget="10")  # type: ignore[arg-type]
 
 
 def test_end_to_end_pool_follows_profile_and_failing_generator_is_skipped(tkw):
-    dm = SyntheticDataModule(DigitsDataModule(), generators=[TargetedAugmentation(), Boom()], synthetic_budget=512)
+    dm = SyntheticDataModule(DigitsDataModule(), generators=[TargetedAugmentation(), Boom()], synthetic_budget=512,
+                             max_pool_samples=2048)
     analyzer = FailureModeCallback(max_samples=128)
     trainer = L.Trainer(max_epochs=3, callbacks=[analyzer], **tkw())
-    with pytest.warns(UserWarning, match="Generator 'boom' failed"):
+    with pytest.warns(RuntimeWarning, match="Generator 'boom' raised RuntimeError"):
         trainer.fit(_model(), datamodule=dm)
     kinds = [type(c) for c in trainer.callbacks]
     assert AdaptiveSampling in kinds and SynthesisCallback in kinds and kinds.count(FailureModeCallback) == 1
@@ -85,6 +91,53 @@ def test_dict_samples_keep_their_format(tkw):
     L.Trainer(max_epochs=2, callbacks=[FailureModeCallback(max_samples=64, perturbations=["rotation"])],
               **tkw()).fit(Model(image_size=8, arch="mlp"), datamodule=dm)
     assert seen == {("group", "image", "label")} and len(dm.pool) == 256
+    # a synthetic sample has no group of its own: -1, not the first real sample's group
+    assert dm.mixed is not None
+    synthetic = dm.mixed[dm.mixed.num_real]
+    assert int(synthetic["group"]) == -1 and int(dm.mixed[0]["group"]) in (0, 1)
+
+
+def test_fractional_budget_and_default_capacity(tkw):
+    dm, callbacks = lightning_synth.attach(DigitsDataModule(), generators=[TargetedAugmentation()],
+                                           synthetic_budget=0.25)
+    L.Trainer(max_epochs=1, callbacks=callbacks, **tkw()).fit(_model(), datamodule=dm)
+    num_real = dm.mixed.num_real
+    budget = max(round(0.25 * num_real), 256)
+    assert dm.controller.settings.synthetic_budget == budget and len(dm.pool) == budget
+    assert dm.pool.capacity == 2 * budget
+    assert any(f"of {num_real} real samples" in e.message for e in dm.controller.history)
+
+
+def test_loader_keeps_every_argument_and_user_range_and_dtype(tkw):
+    images, labels = load_digits_tensors()
+    uint8 = (images[:400] * 255).round().to(torch.uint8)
+
+    def init_fn(worker_id):
+        pass
+
+    generator = torch.Generator().manual_seed(5)
+
+    class Uint8DM(L.LightningDataModule):
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(uint8, labels[:400])
+            return torch.utils.data.DataLoader(data, batch_size=50, worker_init_fn=init_fn, generator=generator,
+                                               pin_memory=False, timeout=0)
+
+    dm = SyntheticDataModule(Uint8DM(), generators=[TargetedAugmentation()], synthetic_budget=128)
+    dtypes = set()
+
+    class Model(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            dtypes.add(batch[0].dtype)
+            return super().training_step((batch[0].float() / 255, batch[1]), batch_idx)
+
+    # no val_dataloader in the wrapped datamodule: the wrapper has none either
+    L.Trainer(max_epochs=1, **tkw()).fit(Model(image_size=8, arch="mlp"), datamodule=dm)
+    loader = dm.train_dataloader()
+    assert loader.worker_init_fn is init_fn and loader.generator is generator
+    assert dtypes == {torch.uint8}  # synthetic rows come back in the user's dtype
+    x, _ = dm.mixed[dm.mixed.num_real]
+    assert x.dtype == torch.uint8 and int(x.max()) > 1
 
 
 def test_resume_gives_same_pool_and_weights(tmp_path, tkw):
@@ -104,6 +157,25 @@ def test_resume_gives_same_pool_and_weights(tmp_path, tkw):
     assert torch.equal(resumed.pool.sample_ids, again.pool.sample_ids)
     assert resumed.weighting.weight == again.weighting.weight
     assert resumed.generated == again.generated == {"targeted": 256}
+
+
+def test_checkpoint_carries_recipes_and_resume_restores_identical_pixels(tmp_path, tkw):
+    from lightning_synth.engine import EpochContext
+
+    dm = SyntheticDataModule(DigitsDataModule(), generators=[TargetedAugmentation()], synthetic_budget=300)
+    cbs = [FailureModeCallback(max_samples=64, perturbations=["rotation", "contrast"]),
+           ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
+    L.Trainer(max_epochs=3, callbacks=cbs, **tkw(enable_checkpointing=True)).fit(_model(), datamodule=dm)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["SyntheticDataModule"]
+    assert state["engine"]["pool"]["pixels"]["inputs"].numel() == 0  # recipes, not pixels
+    again = SyntheticDataModule(DigitsDataModule(), generators=[TargetedAugmentation()], synthetic_budget=300)
+    again.load_state_dict(state)
+    again.datamodule.setup("fit")
+    again.train_dataloader()  # binds the real data
+    assert again.engine.restore(EpochContext(epoch=3)) > 0
+    assert len(again.pool) == len(dm.pool) == 600
+    assert torch.equal(again.pool.sample_ids, dm.pool.sample_ids)
+    assert all(torch.equal(again.pool[i][0], dm.pool[i][0]) for i in range(len(dm.pool)))
 
 
 @pytest.mark.ddp

@@ -93,15 +93,15 @@ def test_batch_larger_than_capacity_is_truncated():
 
 
 def test_bounded_by_bytes():
-    # 16 float32 pixels + int64 target + provenance (4 + 8 + 8 + 4 + 4 + 4) = 64 + 8 + 32 = 104 bytes.
-    pool = SyntheticPool(max_samples=100, max_bytes=104 * 3 + 50)
+    # 16 float32 pixels + int64 target + provenance (4 + 8 + 8 + 4 + 4 + 4 + 8 + 8 + 8) = 64 + 8 + 56 = 128 bytes.
+    pool = SyntheticPool(max_samples=100, max_bytes=128 * 3 + 50)
     pool.add(make_batch(10), epoch=0)
     assert pool.capacity == 3 and len(pool) == 3
-    assert pool.stats()["bytes"] == pool.nbytes == 3 * 104 <= 104 * 3 + 50
+    assert pool.stats()["bytes"] == pool.nbytes == 3 * 128 <= 128 * 3 + 50
     # Half-precision storage fits more samples in the same bytes.
-    half = SyntheticPool(max_samples=100, max_bytes=104 * 3 + 50, storage_dtype="float16")
+    half = SyntheticPool(max_samples=100, max_bytes=128 * 3 + 50, storage_dtype="float16")
     half.add(make_batch(10), epoch=0)
-    assert half.capacity == (104 * 3 + 50) // (104 - 32) == 5
+    assert half.capacity == (128 * 3 + 50) // (128 - 32) == 4
 
 
 def test_oldest_eviction_across_adds():
@@ -183,19 +183,36 @@ def test_stats():
     assert SyntheticPool().stats()["mean_quality"] is None
 
 
-def test_remove_generator_and_clear():
+def test_clear():
     pool = SyntheticPool(max_samples=10)
     pool.add(make_batch(2, generator="aug"), epoch=0)
-    pool.add(make_batch(2, generator="gan", start=2), epoch=0)
-    pool.add(make_batch(1, generator="aug", start=4), epoch=0)
-    mapping = pool.remove_generator("gan")
-    assert mapping.tolist() == [0, 1, -1, -1, 2]
-    assert origins(pool) == [0, 1, 4] and pool.stats()["count_by_generator"] == {"aug": 3}
-    assert pool.remove_generator("unknown").tolist() == [0, 1, 2]
+    pool.add(make_batch(3, generator="gan", start=2), epoch=0)
     pool.clear()
     assert len(pool) == 0 and pool.stats()["count_by_generator"] == {}
     update = pool.add(make_batch(1, shape=(3, 2, 2)), epoch=1)  # a new shape is fine after clear
     assert update.sample_ids.tolist() == [5]  # ids never repeat
+
+
+def test_recipes_replace_pixels_in_the_checkpoint():
+    pool = SyntheticPool(max_samples=6)
+    first, second, fixed = make_batch(4), make_batch(4, start=4), make_batch(2, generator="gan", start=8)
+    pool.add(first, 0, recipe={"call": "first"})
+    pool.add(second, 1, recipe={"call": "second"})  # evicts samples 0 and 1 of `first`
+    pool.add(fixed, 2)  # no recipe: pixels stay in the checkpoint; evicts the rest of `first`
+    state = pickle.loads(pickle.dumps(pool.state_dict()))
+    assert state["pixels"]["inputs"].shape[0] == 2  # only the recipe-less samples carry pixels
+    assert list(state["chunks"].values()) == [{"call": "second"}]  # `first` has no survivor left
+    resumed = SyntheticPool(max_samples=6)
+    resumed.load_state_dict(state)
+    assert list(resumed.pending_recipes().values()) == [{"call": "second"}]
+    with pytest.raises(RuntimeError, match="has not been replayed"):
+        resumed[0]
+    (chunk,) = resumed.pending_recipes()
+    resumed.restore_chunk(chunk, second)
+    assert resumed.pending_recipes() == {} and origins(resumed) == origins(pool)
+    assert_same(pool, resumed)
+    with pytest.raises(ValueError, match="not deterministic"):
+        resumed.restore_chunk(chunk, make_batch(1))
 
 
 @pytest.mark.parametrize("storage_dtype", ["float16", "uint8"])
@@ -233,9 +250,11 @@ def assert_same(a, b):
     for key in sa["store"]:
         torch.testing.assert_close(sa["store"][key], sb["store"][key], equal_nan=True, rtol=0, atol=0)
     assert torch.equal(sa["rng_state"], sb["rng_state"])
-    assert {k: v for k, v in sa.items() if k not in ("store", "rng_state")} == {
-        k: v for k, v in sb.items() if k not in ("store", "rng_state")
-    }
+    if sa["pixels"] is not None:
+        assert torch.equal(sa["pixels"]["inputs"], sb["pixels"]["inputs"])
+    skip = ("store", "rng_state", "pixels")
+    assert {k: v for k, v in sa.items() if k not in skip} == {k: v for k, v in sb.items() if k not in skip}
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
     assert [a.get(i).sample_id for i in range(len(a))] == [b.get(i).sample_id for i in range(len(b))]
 
 

@@ -16,11 +16,10 @@ from hypothesis import HealthCheck, settings
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_synth.server as server_module
-from lightning_synth.control import SynthesisController
+import lightning_synth.control.server as server_module
+from lightning_synth.control import ControlServer, SynthesisController
 from lightning_synth.datasets import load_digits_tensors
 from lightning_synth.profile import Weakness, WeaknessProfile
-from lightning_synth.server import ControlServer
 
 TOKEN = "test-token-123"
 
@@ -32,10 +31,13 @@ TOKEN = "test-token-123"
         ({"host": ""}, ValueError, "`host` must be a non-empty string"),
         ({"port": -1}, ValueError, r"`port` must be an int in \[0, 65535\]"),
         ({"port": 70000}, ValueError, r"`port` must be an int in \[0, 65535\]"),
-        ({"port": True}, ValueError, "`port` must be an int"),
+        ({"port": True}, TypeError, "`port` must be an int"),
+        ({"max_connections": 1}, ValueError, "`max_connections` must be >= 2, got 1"),
+        ({"request_timeout": 0}, ValueError, r"`request_timeout` must be in \(0, 3600\]"),
+        ({"request_timeout": "5"}, TypeError, "`request_timeout` must be a number, got str"),
         ({"token": ""}, ValueError, "`token` must be None or non-empty printable ASCII"),
         ({"token": "two words"}, ValueError, "got a 9-character string"),
-        ({"max_body_bytes": 10}, ValueError, "`max_body_bytes` must be an int >= 1024, got 10"),
+        ({"max_body_bytes": 10}, ValueError, "`max_body_bytes` must be >= 1024, got 10"),
         ({"log_level": "loud"}, ValueError, "`log_level` must be a uvicorn level"),
     ],
 )
@@ -79,16 +81,19 @@ def test_auth_is_required_except_for_the_schema(server: ControlServer) -> None:
 def test_patch_queues_and_sync_applies(server: ControlServer, client: httpx.Client) -> None:
     response = client.patch("/settings", json={"synthetic_budget": 256, "generator_mix": {"gan": 1.0}})
     assert response.status_code == 202
-    body = response.json()
+    receipt = response.json()
+    assert receipt["accepted"] == {"synthetic_budget": "256", "generator_mix": '{"gan": 1.0}'}
+    assert receipt["pending_count"] == 1 and receipt["pending_bytes"] == receipt["bytes"] > 0
+    body = client.get("/settings").json()
     assert body["applied"]["synthetic_budget"] == 2048 and body["effective"]["synthetic_budget"] == 256
-    assert body["pending"][0]["changes"] == {"synthetic_budget": 256, "generator_mix": {"gan": 1.0}}
-    assert body["pending"][0]["source"] == "http 127.0.0.1"
+    assert body["pending"]["items"][0]["changes"] == {"synthetic_budget": "256", "generator_mix": '{"gan": 1.0}'}
+    assert body["pending"]["items"][0]["source"] == "http 127.0.0.1"
     assert server.controller.settings.synthetic_budget == 2048
 
     messages = server.controller.sync()
     assert [m.split(" ")[0] for m in messages] == ["synthetic_budget", "generator_mix"]
     body = client.get("/settings").json()
-    assert body["applied"]["synthetic_budget"] == 256 and body["pending"] == []
+    assert body["applied"]["synthetic_budget"] == 256 and body["pending"]["count"] == 0
     history = client.get("/status").json()["history"]
     assert history[-1]["field"] == "generator_mix" and history[-1]["source"] == "http 127.0.0.1"
     client.patch("/settings", json={"synthetic_budget": 2048, "generator_mix": {}})  # restore for other tests
@@ -114,7 +119,7 @@ def test_bad_payloads_name_the_field(client: httpx.Client, content: str, field: 
     assert response.status_code == 422
     body = response.json()
     assert field in body["message"] and isinstance(body["detail"], list)
-    assert client.get("/settings").json()["pending"] == []
+    assert client.get("/settings").json()["pending"]["count"] == 0
 
 
 def test_body_size_and_queue_are_bounded(client: httpx.Client, server: ControlServer) -> None:
@@ -123,13 +128,13 @@ def test_body_size_and_queue_are_bounded(client: httpx.Client, server: ControlSe
     assert big.status_code == 413
     chunked = client.patch("/settings", content=iter([b'{"paused": true}']), headers=json_type)
     assert chunked.status_code == 411
-    server.controller.max_pending = 2
+    server.controller.queue.max_pending = 2
     try:
         assert [client.patch("/settings", json={"paused": p}).status_code for p in (True, False, True)] == [
             202, 202, 429,
         ]
     finally:
-        server.controller.max_pending = 1000
+        server.controller.queue.max_pending = 1000
 
 
 def test_read_endpoints(server: ControlServer, client: httpx.Client) -> None:
@@ -156,11 +161,15 @@ def test_read_endpoints(server: ControlServer, client: httpx.Client) -> None:
     client.patch("/settings", json={"pinned_profile": None})
 
 
-def test_generated_token_is_logged_and_port_is_freed(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="lightning_synth.server"):
+def test_generated_token_is_printed_and_port_is_freed(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with caplog.at_level(logging.DEBUG):
         running = ControlServer(SynthesisController()).start()
     try:
-        assert len(running.token) >= 32 and running.token in caplog.text and running.url in caplog.text
+        printed = capsys.readouterr().err
+        assert len(running.token) >= 32 and running.token in printed and running.url in printed
+        assert running.token not in caplog.text
         assert running.port != 0 and running.is_running
         assert httpx.get(running.url + "/healthz", headers=running.headers).status_code == 200
         with pytest.raises(RuntimeError, match="already started"):
@@ -168,9 +177,10 @@ def test_generated_token_is_logged_and_port_is_freed(caplog: pytest.LogCaptureFi
     finally:
         running.stop()
     assert not running.is_running
+    running.stop()  # idempotent
     with socket.socket() as probe:  # the port can be bound again
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(("127.0.0.1", int(running.url.rsplit(":", 1)[1])))
+        probe.bind(("127.0.0.1", running.port))
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +205,7 @@ class _SyncAtEpochStart(L.Callback):
         self.controller, self.budgets = controller, list[int]()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.controller.sync(trainer)
+        self.controller.sync(trainer.strategy, epoch=trainer.current_epoch, step=trainer.global_step)
         self.budgets.append(self.controller.settings.synthetic_budget)
 
 

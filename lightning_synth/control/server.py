@@ -7,20 +7,27 @@ controller's locked state, so a client can neither crash nor stall training. Ser
 Endpoints (all but ``/openapi.json`` need ``Authorization: Bearer <token>``):
 ``GET /settings``, ``PATCH /settings`` (body: :class:`SettingsPatch`; 202, applied at the next sync),
 ``GET /profile``, ``GET /pool``, ``GET /status``, ``GET /healthz``.
+
+Bounded whatever clients do: request bodies (``max_body_bytes``), the change queue (count and bytes; 429 when
+full), responses (the queue is summarised, never echoed), open connections (``max_connections``) and the
+time a client may take to send a request (``request_timeout``). The change history records the socket peer,
+never a client-supplied header such as ``X-Forwarded-For``.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import secrets
 import socket
+import sys
 import threading
 import time
 from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request, Security
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -28,16 +35,12 @@ from pydantic import BaseModel
 from starlette.middleware.base import RequestResponseEndpoint
 from starlette.responses import Response
 
-from lightning_synth.control import (
-    SETTING_NAMES,
-    PendingPatch,
-    QueueFullError,
-    SettingsChange,
-    SettingsError,
-    SettingsPatch,
-    SynthesisController,
-    SynthesisSettings,
-)
+from lightning_synth._validation import check_int
+from lightning_synth.control.connections import bounded_h11
+from lightning_synth.control.controller import SynthesisController
+from lightning_synth.control.errors import QueueFullError, ServerStartError, SettingsError, shorten
+from lightning_synth.control.queue import QueueView, SettingsChange, describe
+from lightning_synth.control.settings import SETTING_NAMES, SettingsPatch, SynthesisSettings
 from lightning_synth.profile import WeaknessProfile
 
 __all__ = ["ControlServer", "create_app"]
@@ -45,7 +48,7 @@ __all__ = ["ControlServer", "create_app"]
 log = logging.getLogger(__name__)
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-_BEARER = HTTPBearer(auto_error=False, description="The token ControlServer was given or logged.")
+_BEARER = HTTPBearer(auto_error=False, description="The token ControlServer was given or printed.")
 
 
 class ErrorMessage(BaseModel):
@@ -53,11 +56,21 @@ class ErrorMessage(BaseModel):
 
 
 class SettingsView(BaseModel):
-    """Applied settings, the queued changes, and the settings they lead to at the next epoch boundary."""
+    """Applied settings, a summary of the queued changes, and the settings they lead to at the next sync."""
 
     applied: SynthesisSettings
     effective: SynthesisSettings
-    pending: list[PendingPatch]
+    pending: QueueView
+
+
+class Receipt(BaseModel):
+    """A queued change: each value it sets (described briefly), its size, and how full the queue now is."""
+
+    accepted: dict[str, str]
+    bytes: int
+    pending_count: int
+    pending_bytes: int
+    max_pending_bytes: int
 
 
 class Section(BaseModel):
@@ -79,7 +92,7 @@ class ProfileView(BaseModel):
 class StatusView(BaseModel):
     settings: SynthesisSettings
     effective: SynthesisSettings
-    pending: list[PendingPatch]
+    pending: QueueView
     history: list[SettingsChange]
     sections: dict[str, Section | None]
 
@@ -95,8 +108,7 @@ def _field_message(errors: list[dict[str, Any]]) -> str:
         loc, text, kind = list(e.get("loc", ())), str(e.get("msg", "")), e.get("type")
         field = ".".join(str(p) for p in loc[1:] if loc[:1] == ["body"]) or "body"
         if kind == "json_invalid":
-            reason = (e.get("ctx") or {}).get("error", "")
-            text = f"`body`: invalid JSON at position {loc[-1]}: {reason}"
+            text = f"`body`: invalid JSON at position {loc[-1]}"
         elif kind == "extra_forbidden":
             text = f"`{field}` is not a setting; settings are {list(SETTING_NAMES)}"
         elif not text.startswith("`"):
@@ -106,13 +118,27 @@ def _field_message(errors: list[dict[str, Any]]) -> str:
 
 
 def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
-    detail = jsonable_encoder(errors)
+    """422 naming each field; the input is shown shortened (it may be NaN, or a 1 MB profile)."""
+    detail = [
+        {"loc": [str(p) if not isinstance(p, int) else p for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+         "type": str(e.get("type", "")), **({"input": shorten(e["input"])} if "input" in e else {})}
+        for e in errors
+    ]
     return JSONResponse(status_code=422, content={"detail": detail, "message": _field_message(detail)})
+
+
+def _receipt(controller: SynthesisController, patch: SettingsPatch) -> Receipt:
+    raw = patch.model_dump(mode="json", exclude_unset=True)
+    queue = controller.queue.view()
+    return Receipt(
+        accepted={k: describe(v) for k, v in raw.items()}, bytes=len(json.dumps(raw, default=str)),
+        pending_count=queue.count, pending_bytes=queue.bytes, max_pending_bytes=queue.max_bytes,
+    )
 
 
 def create_app(controller: SynthesisController, token: str, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The FastAPI application (without a server): used by :class:`ControlServer`, handy in tests."""
-    if not token:
+    if not isinstance(token, str) or not token:
         raise ValueError("`token` must be a non-empty string")
 
     def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]) -> None:
@@ -147,27 +173,29 @@ def create_app(controller: SynthesisController, token: str, max_body_bytes: int 
 
     @app.get("/settings", response_model=SettingsView)
     def get_settings() -> SettingsView:
-        status = controller.status(history=0)  # one consistent snapshot
-        return SettingsView(applied=status["settings"], effective=status["effective"], pending=status["pending"])
+        snapshot = controller.queue.snapshot()  # one consistent view
+        return SettingsView(applied=snapshot["settings"], effective=snapshot["effective"],
+                            pending=snapshot["pending"])
 
     @app.patch(
-        "/settings", response_model=SettingsView, status_code=202,
+        "/settings", response_model=Receipt, status_code=202,
         responses={
             400: {"model": ErrorMessage, "description": "Body cannot be read (e.g. not UTF-8)"},
             411: {"model": ErrorMessage, "description": "No Content-Length header"},
             413: {"model": ErrorMessage, "description": "Body too large"},
-            429: {"model": ErrorMessage, "description": "Too many changes wait for the next epoch boundary"},
+            429: {"model": ErrorMessage, "description": "The change queue is full until the next epoch boundary"},
         },
     )
-    def patch_settings(patch: SettingsPatch, request: Request) -> SettingsView | JSONResponse:
-        client = f"http {request.client.host}" if request.client is not None else "http"
+    def patch_settings(patch: SettingsPatch, request: Request) -> Receipt | JSONResponse:
+        peer = request.scope.get("client")  # the socket peer: proxy headers are off, and never trusted here
+        source = f"http {peer[0]}" if peer else "http"
         try:
-            controller.apply_patch(patch, source=client)
+            controller.apply_patch(patch, source=source)
         except SettingsError as error:
             return _validation_response([{**e, "loc": ["body", *e["loc"]]} for e in error.errors])
         except QueueFullError as error:
             return JSONResponse(status_code=429, content={"detail": str(error)})
-        return get_settings()
+        return _receipt(controller, patch)
 
     @app.get("/profile", response_model=ProfileView)
     def get_profile() -> ProfileView:
@@ -194,20 +222,23 @@ def create_app(controller: SynthesisController, token: str, max_body_bytes: int 
 
 
 class ControlServer:
-    """Serve the control API with uvicorn in a daemon thread.
+    """Serve the control API with uvicorn in a daemon thread; it stops on :meth:`stop` and at interpreter exit.
 
     Args:
         controller: the :class:`SynthesisController` to expose.
         host: interface to bind; the default keeps the API on this machine.
         port: TCP port; ``0`` picks a free one (read :attr:`port` after :meth:`start`).
-        token: bearer token clients must send; ``None`` generates one (``secrets.token_urlsafe``) and logs it
-            at :meth:`start`.
+        token: bearer token clients must send; ``None`` generates one (``secrets.token_urlsafe``) and prints it
+            once to stderr at :meth:`start` (never to log handlers, which may write files).
         max_body_bytes: larger request bodies are refused with 413.
+        max_connections: open connections at most; past it the oldest idle one is closed.
+        request_timeout: seconds a client has to send a whole request (headers and body).
         log_level: uvicorn's log level.
 
     Raises:
-        TypeError: ``controller`` is not a :class:`SynthesisController`.
-        ValueError: a bad ``host``, ``port``, ``token`` or ``max_body_bytes``.
+        TypeError: ``controller`` is not a :class:`SynthesisController`, or an int argument is not an int.
+        ValueError: a bad ``host``, ``port``, ``token``, ``max_body_bytes``, ``max_connections``,
+            ``request_timeout`` or ``log_level``.
 
     Example:
         >>> import httpx
@@ -226,13 +257,17 @@ class ControlServer:
         port: int = 0,
         token: str | None = None,
         max_body_bytes: int = 1 << 20,
+        max_connections: int = 64,
+        request_timeout: float = 10.0,
         log_level: str = "warning",
     ) -> None:
         if not isinstance(controller, SynthesisController):
             raise TypeError(f"`controller` must be a SynthesisController, got {type(controller).__name__}")
         if not isinstance(host, str) or not host.strip():
             raise ValueError(f"`host` must be a non-empty string, got {host!r}")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise TypeError(f"`port` must be an int, got {type(port).__name__}: {port!r}")
+        if not 0 <= port <= 65535:
             raise ValueError(f"`port` must be an int in [0, 65535] (0 = any free port), got {port!r}")
         if token is not None and not (
             isinstance(token, str) and token and token.isascii() and token.isprintable() and " " not in token
@@ -240,23 +275,30 @@ class ControlServer:
             shown = f"a {len(token)}-character string" if isinstance(token, str) else type(token).__name__
             # the value itself is not echoed: it is (meant to be) a secret
             raise ValueError(f"`token` must be None or non-empty printable ASCII without spaces, got {shown}")
-        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
-            raise ValueError(f"`max_body_bytes` must be an int >= 1024, got {max_body_bytes!r}")
+        check_int("max_body_bytes", max_body_bytes, 1024)
+        check_int("max_connections", max_connections, 2)
+        if isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)):
+            raise TypeError(f"`request_timeout` must be a number, got {type(request_timeout).__name__}")
+        if not 0 < request_timeout <= 3600:
+            raise ValueError(f"`request_timeout` must be in (0, 3600] seconds, got {request_timeout!r}")
         if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ValueError(f"`log_level` must be a uvicorn level such as 'warning', got {log_level!r}")
         self.controller, self.host, self.log_level = controller, host, log_level
+        self.max_connections, self.request_timeout = max_connections, float(request_timeout)
         self._generated = token is None
         self.token: str = token if token is not None else secrets.token_urlsafe(32)
         self.app = create_app(controller, self.token, max_body_bytes)
         self._requested_port = port
+        self._bound_port = 0
         self._socket: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._stop_lock = threading.Lock()
 
     @property
     def port(self) -> int:
-        """The bound port once started (the requested one before)."""
-        return self._socket.getsockname()[1] if self._socket is not None else self._requested_port
+        """The bound port once started (and after it stopped); the requested one before."""
+        return self._bound_port or self._requested_port
 
     @property
     def url(self) -> str:
@@ -273,7 +315,13 @@ class ControlServer:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self, timeout: float = 10.0) -> ControlServer:
-        """Bind the port (errors surface here) and serve in a daemon thread; returns ``self``."""
+        """Bind the port and serve in a daemon thread; returns ``self``.
+
+        Raises:
+            RuntimeError: already started.
+            ServerStartError: the port cannot be bound (e.g. in use) or the server did not start in time. The
+                server is then left stopped, and ``start`` may be called again.
+        """
         if self._thread is not None:
             raise RuntimeError(f"ControlServer already started at {self.url}")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -281,13 +329,18 @@ class ControlServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self._requested_port))
-        except OSError:
+        except OSError as error:
             sock.close()
-            raise
-        self._socket = sock
+            raise ServerStartError(
+                f"ControlServer cannot bind {self.host}:{self._requested_port}: {error.strerror or error}; "
+                "pass another `api_port` (0 picks a free one)"
+            ) from error
+        self._socket, self._bound_port = sock, int(sock.getsockname()[1])
         config = uvicorn.Config(
             self.app, log_level=self.log_level, log_config=None, access_log=False, lifespan="off",
-            loop="asyncio", timeout_graceful_shutdown=1,
+            loop="asyncio", timeout_graceful_shutdown=1, proxy_headers=False, server_header=False,
+            http=bounded_h11(self.max_connections, self.request_timeout), timeout_keep_alive=5,
+            h11_max_incomplete_event_size=16 * 1024,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -295,21 +348,25 @@ class ControlServer:
         )
         self._thread.start()
         self._wait_started(timeout)
+        atexit.register(self.stop)
         if self.host not in _LOOPBACK:
             log.warning("Control API bound to %s: reachable from the network; guard the token.", self.host)
-        if self._generated:
-            log.warning("Control API at %s; token: %s", self.url, self.token)
+        if self._generated:  # printed, not logged: log handlers may write it into files
+            print(f"lightning_synth control API at {self.url}; token: {self.token}", file=sys.stderr, flush=True)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Shut the server down and free the port (no-op when not running)."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if self._socket is not None:
-            self._socket.close()
-        self._server, self._thread, self._socket = None, None, None
+        """Shut the server down and free the port; safe to call again, from any thread, and at exit."""
+        with self._stop_lock:
+            server, thread, sock = self._server, self._thread, self._socket
+            self._server, self._thread, self._socket = None, None, None
+        atexit.unregister(self.stop)
+        if server is not None:
+            server.should_exit = True
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if sock is not None:
+            sock.close()
 
     def __enter__(self) -> ControlServer:
         return self.start()
@@ -321,6 +378,7 @@ class ControlServer:
         deadline = time.monotonic() + timeout
         while self._server is not None and not self._server.started:
             if self._thread is None or not self._thread.is_alive() or time.monotonic() > deadline:
+                where = f"{self.host}:{self.port}"
                 self.stop()
-                raise RuntimeError(f"ControlServer did not start on {self.host}:{self._requested_port}")
+                raise ServerStartError(f"ControlServer did not start on {where} within {timeout} s")
             time.sleep(0.005)

@@ -1,0 +1,157 @@
+"""Generation calls: bounded chunks, per-rank seeds, output validation, and replay of a recorded call.
+
+A *recipe* is everything one chunk's generation depended on besides the real cache: the generator's name,
+the profile (JSON), and each rank's ``(seed, budget)``. :func:`run_part` makes one rank's part, :func:`replay`
+makes every rank's parts of a recipe again (no communication needed: each part is a pure function of its
+recipe), which is how the pool is checkpointed without pixels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_synth.generators.base import GenerationContext, SyntheticBatch, SyntheticGenerator
+from lightning_synth.profile import WeaknessProfile
+from lightning_synth.value_range import ValueRange
+
+__all__ = ["RealCache", "check_output", "concat", "part_seed", "rank_shares", "replay", "run_part"]
+
+_MASK = 2**62 - 1
+
+
+@dataclass(frozen=True)
+class RealCache:
+    """A seeded sample of the real training set, mapped to [0, 1], that generators transform.
+
+    Attributes:
+        inputs: ``(M, ...)`` float inputs in [0, 1].
+        targets: ``(M,)`` int64 labels.
+        index: ``(M,)`` the dataset index of each row.
+        value_range: the user's input range and dtype (to map synthetic samples back).
+        num_classes: ``max(targets) + 1``.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    index: Tensor
+    value_range: ValueRange
+    num_classes: int
+
+
+def part_seed(seed: int, epoch: int, generator_index: int, chunk: int, rank: int) -> int:
+    """A 62-bit seed per (run seed, epoch, generator, chunk, rank); deterministic across processes.
+
+    Example:
+        >>> part_seed(0, 1, 0, 0, 0) == part_seed(0, 1, 0, 0, 0) != part_seed(0, 1, 0, 0, 1)
+        True
+    """
+    value = 0x9E3779B97F4A7C15
+    for part in (seed, epoch, generator_index, chunk, rank):
+        value = ((value ^ (part & _MASK)) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK
+    return value
+
+
+def rank_shares(total: int, world_size: int) -> list[int]:
+    """``total`` split over ranks as evenly as possible, lower ranks first.
+
+    Example:
+        >>> rank_shares(7, 3)
+        [3, 2, 2]
+    """
+    return [total // world_size + int(r < total % world_size) for r in range(world_size)]
+
+
+def check_output(out: Any, budget: int, like: Tensor, num_classes: int) -> str | None:
+    """Why ``out`` breaks the generator contract, or ``None`` when it keeps it."""
+    if not isinstance(out, SyntheticBatch):
+        return f"returned {type(out).__name__}, not a SyntheticBatch"
+    if len(out) > budget:
+        return f"returned {len(out)} samples for a budget of {budget}"
+    if len(out) == 0:
+        return None
+    if not out.inputs.is_floating_point():
+        return f"returned inputs of dtype {out.inputs.dtype}, not floating point in [0, 1]"
+    if tuple(out.inputs.shape[1:]) != tuple(like.shape[1:]):
+        return f"returned inputs of shape {tuple(out.inputs.shape[1:])}, the real inputs are {tuple(like.shape[1:])}"
+    if not bool(torch.isfinite(out.inputs).all()):
+        return "returned NaN or infinite inputs"
+    targets = out.targets
+    if targets.dtype.is_floating_point or targets.ndim != 1:
+        return f"returned targets of dtype {targets.dtype} and shape {tuple(targets.shape)}, not (N,) integers"
+    if bool(((targets < 0) | (targets >= num_classes)).any()):
+        return f"returned labels outside [0, {num_classes}): {sorted(set(targets.tolist()))[:8]}"
+    quality = out.quality
+    if not bool(torch.isfinite(quality).all()) or bool(((quality < 0) | (quality > 1)).any()):
+        return "returned quality outside [0, 1]"
+    return None
+
+
+def run_part(
+    generator: SyntheticGenerator,
+    profile: WeaknessProfile,
+    budget: int,
+    seed: int,
+    real: RealCache,
+    device: torch.device,
+    epoch: int,
+    task_model: nn.Module | None,
+) -> SyntheticBatch | None:
+    """One rank's part of a chunk: the generator's validated output on CPU, or ``None`` (with a warning
+    naming the generator) when it raised or broke the contract."""
+    if budget <= 0:
+        return None
+    context = GenerationContext(
+        real_inputs=real.inputs, real_targets=real.targets, num_classes=real.num_classes,
+        generator=torch.Generator().manual_seed(seed), device=device, epoch=epoch, task_model=task_model,
+        value_range=real.value_range,
+    )
+    was_training = task_model.training if task_model is not None else False
+    if task_model is not None:
+        task_model.eval()
+    try:
+        out = generator.generate(profile, budget, context)
+        problem = check_output(out, budget, real.inputs, real.num_classes)
+    except Exception as error:  # a generator's failure must not stop training
+        out, problem = None, f"raised {error!r}"
+    finally:
+        if task_model is not None:
+            task_model.train(was_training)
+    if problem is not None:
+        warnings.warn(f"Generator {generator.name!r} {problem}; it is skipped this refresh.", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    assert isinstance(out, SyntheticBatch)
+    if len(out) == 0:
+        return None
+    source = out.source_index
+    if source is not None:  # context row -> dataset index
+        source = torch.where(source >= 0, real.index[source.clamp_min(0).cpu()], torch.full_like(source, -1))
+    return SyntheticBatch(out.inputs.detach().cpu().float(), out.targets.detach().cpu().long(), list(out.weakness),
+                          out.quality.detach().cpu().float(), generator.name, source)
+
+
+def concat(batches: list[SyntheticBatch | None], name: str) -> SyntheticBatch | None:
+    """The non-empty batches one after another (``None`` when there are none)."""
+    parts = [b for b in batches if b is not None and len(b) > 0]
+    if not parts:
+        return None
+    sources = [b.source_index if b.source_index is not None else torch.full((len(b),), -1) for b in parts]
+    return SyntheticBatch(
+        inputs=torch.cat([b.inputs for b in parts]), targets=torch.cat([b.targets for b in parts]),
+        weakness=[w for b in parts for w in b.weakness], quality=torch.cat([b.quality for b in parts]),
+        generator=name, source_index=torch.cat(sources),
+    )
+
+
+def replay(recipe: dict[str, Any], generator: SyntheticGenerator, real: RealCache, device: torch.device,
+           task_model: nn.Module | None = None) -> SyntheticBatch | None:
+    """Make every rank's part of ``recipe`` again, in rank order (what the pool stored for it)."""
+    profile = WeaknessProfile.from_json(recipe["profile"])
+    parts = [run_part(generator, profile, int(budget), int(seed), real, device, int(recipe["epoch"]), task_model)
+             for seed, budget in recipe["parts"]]
+    return concat(parts, generator.name)
