@@ -83,6 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="where to score: `val` alone while choosing configurations keeps the test set unseen")
     parser.add_argument("--lofo", nargs="*", default=list(DEFAULT_LOFO), choices=list(LOFO_FAMILIES),
                         help="leave-one-family-out: train the bank methods without each family, test on its analogue")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--lofo-seeds", type=int, default=3, help="leave-one-family-out runs use the first N seeds")
     parser.add_argument("--reference", default="lightning_synth",
                         help="method whose paired differences to every other method are reported")
@@ -90,6 +91,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the train/val split and subsets")
     args = parser.parse_args(argv)
     check_common_args(args)
+    for flag, value in (("--threads", args.threads), ("--lofo-seeds", args.lofo_seeds)):
+        if value < 1:
+            raise ValueError(f"`{flag}` must be >= 1, got {value}")
     overlap = set(args.corruptions) & set(args.val_corruptions)
     if overlap and {"val", "test"} <= set(args.splits):
         raise ValueError(f"`--val-corruptions` must be disjoint from `--corruptions`, both have {sorted(overlap)}")
@@ -253,7 +257,7 @@ def fmt_diff(stats: Mapping[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     quiet_lightning()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     methods = resolve_methods(args.methods, TASK)
     reference = make_datamodule(args)
     reference.setup("fit")

@@ -62,3 +62,13 @@ def test_robustness_methods_train_the_fixed_budget_and_export(name, tmp_path):
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.load(str(path))
     assert scripted(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_protocol_arguments_raise():
+    from benchmarks import robustness
+
+    for argv, match in ((["--threads", "0"], "threads"), (["--lofo-seeds", "0"], "lofo-seeds"),
+                        (["--corruptions", "fog", "--val-corruptions", "fog"], "disjoint")):
+        with pytest.raises(ValueError, match=match):
+            robustness.parse_args(argv)
+    assert robustness.parse_args(["--splits", "val"]).lofo == []  # no test split, no leave-one-family-out
