@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_synth.batch import BatchAdapter, BatchView
+from lightning_synth.consistency import jsd_consistency
 
 __all__ = [
     "TASKS",
@@ -127,6 +128,11 @@ class Classifier(L.LightningModule):
         lr: Adam learning rate, the same for every method.
         batch_transform: applied to training images only, on their device, without gradient.
         objective: turns per-sample losses into the training loss (e.g. Group DRO); default the mean.
+        consistency: makes views of the (transformed) training images, e.g.
+            :class:`~lightning_synth.consistency.MixingChains`; cross-entropy stays on the clean images and
+            ``consistency_weight`` times :func:`~lightning_synth.consistency.jsd_consistency` of the clean and
+            view predictions is added (``1 + len(views)`` forward passes per batch).
+        consistency_weight: weight of the Jensen-Shannon term (AugMix uses 12).
 
     ``training_step`` returns ``{"loss", "per_sample_loss"}`` so callbacks can read per-sample losses in
     ``on_train_batch_end`` without another forward pass. Batches may be ``(x, y)``, ``(x, y, group)`` or
@@ -147,6 +153,8 @@ class Classifier(L.LightningModule):
         lr: float = 1e-3,
         batch_transform: BatchTransform | None = None,
         objective: Objective | None = None,
+        consistency: Callable[[Tensor], Sequence[Tensor]] | None = None,
+        consistency_weight: float = 12.0,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
@@ -156,13 +164,16 @@ class Classifier(L.LightningModule):
             raise ValueError(f"`num_classes` must be >= 2, got {num_classes}")
         if not lr > 0:
             raise ValueError(f"`lr` must be > 0, got {lr!r}")
-        for name, fn in (("batch_transform", batch_transform), ("objective", objective)):
+        if not consistency_weight >= 0:
+            raise ValueError(f"`consistency_weight` must be >= 0, got {consistency_weight!r}")
+        for name, fn in (("batch_transform", batch_transform), ("objective", objective), ("consistency", consistency)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"`{name}` must be callable or None, got {type(fn).__name__}")
         self.net = make_network(in_channels, num_classes, width)
         self.lr = lr
         self.batch_transform = batch_transform
         self.objective = objective
+        self.consistency, self.consistency_weight = consistency, float(consistency_weight)
         self.batch_adapter = BatchAdapter()
         self._group_hits: dict[int, list[int]] = {}
 
@@ -177,8 +188,16 @@ class Classifier(L.LightningModule):
         if self.batch_transform is not None:
             with torch.no_grad():
                 images = self.batch_transform(images)
-        losses = F.cross_entropy(self(images), view.targets, reduction="none")
-        loss = self.objective(losses, view) if self.objective is not None else losses.mean()
+        if self.consistency is None:
+            losses = F.cross_entropy(self(images), view.targets, reduction="none")
+            loss = self.objective(losses, view) if self.objective is not None else losses.mean()
+        else:
+            with torch.no_grad():
+                views = list(self.consistency(images))
+            logits = self(torch.cat([images, *views])).chunk(1 + len(views))
+            losses = F.cross_entropy(logits[0], view.targets, reduction="none")
+            loss = self.objective(losses, view) if self.objective is not None else losses.mean()
+            loss = loss + self.consistency_weight * jsd_consistency(*logits)
         self.log("train/loss", loss, prog_bar=False)
         return {"loss": loss, "per_sample_loss": losses.detach()}
 
@@ -312,9 +331,12 @@ class MethodContext:
     info: dict[str, Any] = field(default_factory=dict)
 
     def classifier(
-        self, batch_transform: BatchTransform | None = None, objective: Objective | None = None
+        self,
+        batch_transform: BatchTransform | None = None,
+        objective: Objective | None = None,
+        consistency: Callable[[Tensor], Sequence[Tensor]] | None = None,
     ) -> Classifier:
-        """The benchmarks' :class:`Classifier` for this task, with an optional transform/objective."""
+        """The benchmarks' :class:`Classifier` for this task, with an optional transform/objective/consistency."""
         return Classifier(
             self.in_channels,
             self.num_classes,
@@ -322,6 +344,7 @@ class MethodContext:
             lr=self.lr,
             batch_transform=batch_transform,
             objective=objective,
+            consistency=consistency,
         )
 
 

@@ -29,7 +29,15 @@ from kornia.geometry.transform import elastic_transform2d
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "NUM_SEVERITIES", "Corruption", "corrupt"]
+__all__ = [
+    "CORRUPTIONS",
+    "LOFO_FAMILIES",
+    "NUM_SEVERITIES",
+    "TEST_CORRUPTIONS",
+    "VALIDATION_CORRUPTIONS",
+    "Corruption",
+    "corrupt",
+]
 
 NUM_SEVERITIES = 5
 Corruption = Callable[[Tensor, int, torch.Generator], Tensor]
@@ -156,6 +164,75 @@ def spatter(images: Tensor, severity: int, generator: torch.Generator) -> Tensor
     return (images * (1 - mask) + colour * mask).clamp(0, 1)
 
 
+# --------------------------------------------------------------------- validation corruptions
+# Used only to choose configurations (scored on the validation split); disjoint from the test corruptions.
+def shot_noise(images: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """Poisson (photon) noise: ``Poisson(x * rate) / rate``; fewer photons is noisier."""
+    rate = [60.0, 25.0, 12.0, 5.0, 3.0][severity - 1]
+    counts = torch.poisson((images * rate).cpu(), generator=generator).to(images)
+    return (counts / rate).clamp(0, 1)
+
+
+def defocus_blur(images: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """Convolution with a disk (an out-of-focus lens), radius growing with severity."""
+    radius = [1.0, 1.5, 2.0, 2.5, 3.0][severity - 1]
+    size = 2 * math.ceil(radius) + 1
+    axis = torch.arange(size, dtype=images.dtype, device=images.device) - size // 2
+    disk = ((axis[:, None] ** 2 + axis[None, :] ** 2) <= radius**2).to(images.dtype)
+    kernel = (disk / disk.sum()).expand(images.shape[1], 1, size, size)
+    padded = F.pad(images, [size // 2] * 4, mode="replicate")
+    return F.conv2d(padded, kernel, groups=images.shape[1]).clamp(0, 1)
+
+
+def glass_blur(images: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """Frosted glass: every pixel takes a random neighbour's value within a radius, then a light blur."""
+    shift, sigma = [(1, 0.4), (1, 0.6), (2, 0.5), (2, 0.7), (3, 0.7)][severity - 1]
+    b, c, h, w = images.shape
+    dy = torch.randint(-shift, shift + 1, (b, h, w), generator=generator)
+    dx = torch.randint(-shift, shift + 1, (b, h, w), generator=generator)
+    rows = (torch.arange(h)[None, :, None] + dy).clamp(0, h - 1)
+    cols = (torch.arange(w)[None, None, :] + dx).clamp(0, w - 1)
+    flat = (rows * w + cols).view(b, 1, h * w).expand(b, c, h * w).to(images.device)
+    out = images.flatten(2).gather(2, flat).view(b, c, h, w)
+    return gaussian_blur2d(out, (5, 5), (sigma, sigma)).clamp(0, 1)
+
+
+def gamma(images: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """A non-linear intensity curve ``x ** g`` (g > 1 darkens mid-tones): a tone shift, not a linear one."""
+    g = [1.6, 2.2, 2.8, 3.5, 4.5][severity - 1]
+    return images.clamp(0, 1).pow(g)
+
+
+def shear(images: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """A random horizontal or vertical shear of the whole image."""
+    amount = [0.15, 0.25, 0.35, 0.45, 0.6][severity - 1]
+    b = len(images)
+    sign = torch.randint(0, 2, (b,), generator=generator).float() * 2 - 1
+    vertical = torch.rand(b, generator=generator) < 0.5
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 1] = torch.where(vertical, 0.0, amount * sign)
+    theta[:, 1, 0] = torch.where(vertical, amount * sign, 0.0)
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
+
+
+TEST_CORRUPTIONS: tuple[str, ...] = (
+    "fog", "pixelate", "jpeg", "elastic", "impulse_noise", "zoom_blur", "speckle_noise", "spatter",
+)
+"""The held-out test corruptions (scored on the test split); never used to choose a configuration."""
+VALIDATION_CORRUPTIONS: tuple[str, ...] = ("shot_noise", "defocus_blur", "glass_blur", "gamma", "shear")
+"""Corruptions for choosing configurations (scored on the validation split); disjoint from the test ones."""
+LOFO_FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "noise": (("gaussian_noise",), ("impulse_noise", "speckle_noise")),
+    "blur": (("gaussian_blur", "motion_blur"), ("zoom_blur",)),
+    "contrast": (("contrast", "brightness"), ("fog",)),
+    "occlusion": (("occlusion",), ("spatter",)),
+    "geometry": (("rotation", "translation", "scale"), ("elastic",)),
+}
+"""Leave-one-family-out: family -> (bank perturbations removed from training, its closest test corruptions)."""
+
+
 CORRUPTIONS: dict[str, Corruption] = {
     "fog": fog,
     "pixelate": pixelate,
@@ -165,6 +242,11 @@ CORRUPTIONS: dict[str, Corruption] = {
     "zoom_blur": zoom_blur,
     "speckle_noise": speckle_noise,
     "spatter": spatter,
+    "shot_noise": shot_noise,
+    "defocus_blur": defocus_blur,
+    "glass_blur": glass_blur,
+    "gamma": gamma,
+    "shear": shear,
 }
 
 

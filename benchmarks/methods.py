@@ -8,13 +8,15 @@ task's real datamodule.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.common import Method, MethodContext, register_method
+from benchmarks.common import Classifier, Method, MethodContext, UniformPerturbation, register_method
 from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback
+from lightning_synth.consistency import MixingChains
 from lightning_synth.data import SyntheticDataModule
 from lightning_synth.generators import (
     ConditionalGAN,
@@ -23,20 +25,63 @@ from lightning_synth.generators import (
     SyntheticGenerator,
     TargetedAugmentation,
 )
+from lightning_synth.generators.base import GenerationContext, SyntheticBatch
+from lightning_synth.perturbations import PerturbationBank, default_bank
+from lightning_synth.profile import WeaknessProfile
 
-__all__ = ["lightning_synth_method"]
+__all__ = ["UniformBank", "augmix_method", "bank_names", "lightning_synth_method", "uniform_method"]
 
 REQUIRES = ("lightning_synth.callbacks", "lightning_synth.data", "lightning_synth.generators")
 
 
-def _generators(ctx: MethodContext, gan: bool, scenarios: bool) -> list[SyntheticGenerator]:
+class UniformBank(SyntheticGenerator):
+    """The bank at random: each sample a uniformly random real image, perturbation and level 1..5.
+
+    The generator of ``uniform_share``: lightning_synth's pool, share and budget without any targeting.
+    """
+
+    name = "uniform_bank"
+
+    def __init__(self, perturbations: Sequence[str] | None = None) -> None:
+        self.bank = PerturbationBank(perturbations)
+
+    def generate(self, profile: WeaknessProfile, budget: int, context: GenerationContext) -> SyntheticBatch:
+        if budget == 0:
+            return SyntheticBatch.empty(self.name, context.real_inputs)
+        images, labels = context.sample_real(budget)
+        ops = torch.randint(len(self.bank), (budget,), generator=context.generator)
+        levels = torch.randint(1, 6, (budget,), generator=context.generator)
+        out, keys = images.clone(), [""] * budget
+        for index, name in enumerate(self.bank.names):
+            rows = (ops == index).nonzero().squeeze(1)
+            if rows.numel():
+                out[rows] = self.bank[name](images[rows], levels[rows].float(), context.generator)
+                for r in rows.tolist():
+                    keys[r] = f"perturbation/{name}@{int(levels[r])}"
+        return SyntheticBatch(out, labels.long(), keys, torch.ones(budget), self.name)
+
+
+def bank_names(ctx: MethodContext) -> list[str] | None:
+    """The perturbations a method may train on: all (``None``) or the bank without a left-out family."""
+    excluded = set(ctx.extras.get("exclude_perturbations", ()))
+    return [n for n in default_bank().names if n not in excluded] if excluded else None
+
+
+def _generators(ctx: MethodContext, gan: bool, scenarios: bool, targeted: bool, class_bias: float | None
+                ) -> list[SyntheticGenerator]:
     if ctx.task == "worst_group":
         # The failure here is a slice failure (class x colour): scenario generation realises the weak slices
         # with the task's re-colouring scenario; perturbations and a GAN of the biased data do not address it.
         return [ScenarioGenerator(scenarios=ctx.extras.get("scenarios"), mix={"slice": 1.0})]
-    generators: list[SyntheticGenerator] = [TargetedAugmentation(class_bias=0.5)]
+    names = bank_names(ctx)
+    if not targeted:
+        return [UniformBank(names)]
+    kwargs: dict[str, float] = {}
+    if class_bias is not None:
+        kwargs["class_bias"] = class_bias
+    generators: list[SyntheticGenerator] = [TargetedAugmentation(names, **kwargs)]
     if scenarios:
-        generators.append(ScenarioGenerator(scenarios=ctx.extras.get("scenarios")))
+        generators.append(ScenarioGenerator(names, scenarios=ctx.extras.get("scenarios")))
     if gan:
         model = ConditionalGAN(num_classes=ctx.num_classes, image_size=ctx.image_size[0], channels=ctx.in_channels)
         generators.append(ConditionalGANGenerator(model, train_steps=100, min_quality=0.1))
@@ -44,40 +89,94 @@ def _generators(ctx: MethodContext, gan: bool, scenarios: bool) -> list[Syntheti
 
 
 def lightning_synth_method(
-    name: str, gan: bool = True, scenarios: bool = True, adaptive: bool = True, description: str = ""
+    name: str, gan: bool = True, scenarios: bool = True, adaptive: bool = True, description: str = "",
+    targeted: bool = True, consistency: bool = False, budget_fraction: float = 1 / 3, weight: float = 0.75,
+    class_bias: float | None = None, floor: float = 0.5,
 ) -> Method:
-    """A lightning_synth variant: which generators it uses and whether the sampler adapts."""
+    """A lightning_synth variant.
+
+    Args:
+        gan, scenarios: add those generators.
+        adaptive: loss-driven sampling (``False``: uniform over real + synthetic).
+        targeted: ``False`` removes every use of the profile (uniform bank generator, uniform sampler,
+            untargeted chains): the ``uniform_share`` ablation.
+        consistency: Jensen-Shannon consistency on mixing-chain views of each batch
+            (:class:`~lightning_synth.consistency.MixingChains`, targeted with uniform ``floor``).
+        budget_fraction: synthetic samples per refresh as a fraction of the real training set (pool 2x).
+        weight: initial synthetic weight.
+        class_bias: share of targeted sources drawn from weak classes (``None``: the generator's default).
+    """
 
     def wrap(datamodule: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
-        # Robustness: a third of the real set's size is generated anew per epoch, the pool keeps about two
-        # refreshes, and the synthetic share starts at 3/4 of its loss-driven mass (at 1/2 with a quarter, clean
-        # accuracy held but robustness trailed the uniform-bank baseline). Worst group: half, at full mass.
         worst_group = ctx.task == "worst_group"
-        budget = max(256, ctx.train_size // (2 if worst_group else 3))
+        budget = max(256, round(ctx.train_size * (0.5 if worst_group else budget_fraction)))
         # The datamodule owns the sampler; a huge temperature makes its weights uniform (the ablation).
         return SyntheticDataModule(
-            datamodule, generators=_generators(ctx, gan, scenarios), synthetic_budget=budget,
-            max_pool_samples=2 * budget, real_cache_size=8192, initial_synthetic_weight=1.0 if worst_group else 0.75,
-            seed=ctx.seed,
-            sampler_temperature=2.0 if adaptive else 1e6, sampler_uniform_mix=0.2,
+            datamodule, generators=_generators(ctx, gan, scenarios, targeted, class_bias),
+            synthetic_budget=budget,
+            max_pool_samples=2 * budget, real_cache_size=8192,
+            initial_synthetic_weight=1.0 if worst_group else weight, seed=ctx.seed,
+            sampler_temperature=2.0 if adaptive and targeted else 1e6, sampler_uniform_mix=0.2,
         )
+
+    chains: dict[int, MixingChains] = {}
+
+    def make_module(ctx: MethodContext) -> Classifier:
+        if not consistency:
+            return ctx.classifier()
+        chains[ctx.seed] = MixingChains(bank_names(ctx), floor=floor if targeted else 1.0)
+        return ctx.classifier(consistency=chains[ctx.seed])
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
         groups = int(ctx.extras.get("num_groups", 64))  # the worst-group task has 100 (class, colour) groups
-        return [FailureModeCallback(max_samples=256, seed=ctx.seed, max_groups=groups), AdaptiveSampling(seed=ctx.seed)]
+        out: list[Callback] = []
+        if targeted:
+            out.append(FailureModeCallback(bank_names(ctx), max_samples=256, seed=ctx.seed, max_groups=groups))
+        out.append(AdaptiveSampling(seed=ctx.seed))
+        if consistency and targeted:
+            out.append(chains[ctx.seed])
+        return out
 
-    return Method(name, make_callbacks=callbacks, wrap_datamodule=wrap, requires=REQUIRES,
-                  description=description or name)
+    return Method(name, make_module=make_module, make_callbacks=callbacks, wrap_datamodule=wrap,
+                  requires=REQUIRES, description=description or name)
+
+
+def augmix_method(name: str = "augmix", description: str = "") -> Method:
+    """AugMix on the library's bank: mixing chains (width 3, depth 1-3, per-sample ops) + JSD (weight 12)."""
+
+    def make_module(ctx: MethodContext) -> Classifier:
+        return ctx.classifier(consistency=MixingChains(bank_names(ctx), floor=1.0))
+
+    return Method(name, ("robustness",), make_module=make_module, requires=("lightning_synth.consistency",),
+                  description=description or "AugMix on the bank: mixing chains + JSD consistency, 3 passes")
+
+
+def uniform_method(name: str = "uniform") -> Method:
+    """The bank on every sample: a uniformly random op and level 1..5 per sample."""
+
+    def make_module(ctx: MethodContext) -> Classifier:
+        names = bank_names(ctx)
+        return ctx.classifier(UniformPerturbation(None if names is None else PerturbationBank(names)))
+
+    return Method(name, ("robustness",), make_module=make_module, requires=("lightning_synth.perturbations",),
+                  description="uniformly random op and level 1..5 of the library's bank, per sample")
 
 
 VARIANTS: list[tuple[str, Callable[[], Method]]] = [
+    ("uniform", uniform_method),
+    ("augmix", augmix_method),
+    # The row a user gets from the README quick start: the default generators and sampler, plus the opt-in
+    # consistency objective (MixingChains views of each batch, JSD; 3 forward passes). On the validation
+    # corruptions it beat the same system without consistency by 4.5 points mean and 6.5 worst (seed 0).
     ("lightning_synth", lambda: lightning_synth_method(
-        "lightning_synth", description="full system: targeted augmentation + scenarios + GAN, adaptive sampling")),
-    ("ls_no_gan", lambda: lightning_synth_method("ls_no_gan", gan=False, description="ablation: without the GAN")),
-    ("ls_no_adaptive", lambda: lightning_synth_method(
-        "ls_no_adaptive", adaptive=False, description="ablation: uniform sampling over real + synthetic")),
-    ("ls_no_scenarios", lambda: lightning_synth_method(
-        "ls_no_scenarios", scenarios=False, description="ablation: without scenario generation")),
+        "lightning_synth", gan=False, consistency=True,
+        description="defaults (targeted + scenarios, adaptive sampling) + targeted mixing-chain JSD consistency")),
+    ("ls_no_consistency", lambda: lightning_synth_method(
+        "ls_no_consistency", gan=False,
+        description="ablation: the defaults without the consistency objective")),
+    ("uniform_share", lambda: lightning_synth_method(
+        "uniform_share", gan=False, consistency=True, targeted=False,
+        description="lightning_synth's pool, share, budget and JSD with the bank at random: no targeting")),
 ]
 
 for _name, _make in VARIANTS:

@@ -2,15 +2,22 @@
 #   python -m benchmarks.robustness                      # every available method, seeds 0 1 2, 3 epochs
 #   python -m benchmarks.robustness --methods erm uniform --seeds 0 --epochs 1 --train-size 5000
 #   python -m benchmarks.robustness --export-dir runs/models   # also writes runs/models/<method>.pt
-"""Robustness benchmark: Fashion-MNIST, clean accuracy and accuracy under held-out corruptions.
+"""Robustness benchmark: Fashion-MNIST, clean accuracy and accuracy under corruptions the bank does not contain.
 
-Each method trains the shared classifier with the same budget (see :mod:`benchmarks.common`), then is
-scored on the clean test set and on every corruption of :mod:`benchmarks.corruptions` at five severities
-(one fixed corrupted copy of the test set per run, stored as uint8 like ImageNet-C, identical for all
-methods and seeds). Reported per method, as mean ± std over seeds: clean accuracy, mean corrupted accuracy
-(over corruptions and severities) and the worst corruption (lowest mean over severities).
+Protocol:
 
-Writes ``<results-dir>/robustness.json`` and ``<results-dir>/robustness.png`` and prints a table.
+- every method trains the shared classifier with the same optimizer steps (see :mod:`benchmarks.common`);
+- **validation corruptions** (``--val-corruptions``, on the validation split) are the only ones used to choose
+  configurations; ``--splits val`` scores only them, so the test set stays unseen while exploring;
+- **held-out test corruptions** (``--corruptions``, on the test split) are disjoint from the validation ones
+  (one fixed uint8 copy per run, like ImageNet-C, identical for every method and seed);
+- **leave-one-family-out** (``--lofo``): the bank methods (``uniform``, ``augmix`` and the reference) are trained
+  again with a family of perturbations removed from the bank and scored on that family's closest test
+  corruptions (:data:`benchmarks.corruptions.LOFO_FAMILIES`); methods that never use the bank keep their models;
+- **paired differences**: per seed, ``reference - method`` for clean, mean and worst corrupted accuracy (and
+  each left-out family), with the mean and 95% t-interval over seeds.
+
+Writes ``<results-dir>/robustness.json`` (with the git commit) and ``robustness.png``, and prints the tables.
 """
 
 from __future__ import annotations
@@ -43,21 +50,55 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
-from benchmarks.corruptions import CORRUPTIONS, NUM_SEVERITIES, corrupt
+from benchmarks.corruptions import (
+    CORRUPTIONS,
+    LOFO_FAMILIES,
+    NUM_SEVERITIES,
+    TEST_CORRUPTIONS,
+    VALIDATION_CORRUPTIONS,
+    corrupt,
+)
 from lightning_synth.datasets import FashionMNISTDataModule
 
 TASK = "robustness"
 CorruptedSets = dict[str, list[Tensor]]
+DEFAULT_LOFO = ("blur",)
+"""Family left out by default (cost): blur, whose test analogue (zoom blur) is close; ``--lofo blur noise ...``
+adds more."""
+LOFO_METHODS = ("uniform", "augmix")
+"""Bank baselines re-trained leave-one-family-out (with the reference); methods that never see the bank keep
+their main-run models, and the other bank methods are left out of that report to keep it cheap."""
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=list(CORRUPTIONS))
+    parser.add_argument("--corruptions", nargs="+", default=list(TEST_CORRUPTIONS), choices=list(CORRUPTIONS),
+                        help="held-out test corruptions (scored on the test split)")
+    parser.add_argument("--val-corruptions", nargs="+", default=list(VALIDATION_CORRUPTIONS),
+                        choices=list(CORRUPTIONS), help="corruptions for choosing configurations (validation split)")
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"],
+                        help="where to score: `val` alone while choosing configurations keeps the test set unseen")
+    parser.add_argument("--lofo", nargs="*", default=list(DEFAULT_LOFO), choices=list(LOFO_FAMILIES),
+                        help="leave-one-family-out: train the bank methods without each family, test on its analogue")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--lofo-seeds", type=int, default=3, help="leave-one-family-out runs use the first N seeds")
+    parser.add_argument("--reference", default="lightning_synth",
+                        help="method whose paired differences to every other method are reported")
     parser.add_argument("--corruption-seed", type=int, default=0, help="seed of the corrupted test sets")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the train/val split and subsets")
     args = parser.parse_args(argv)
     check_common_args(args)
+    for flag, value in (("--threads", args.threads), ("--lofo-seeds", args.lofo_seeds)):
+        if value < 1:
+            raise ValueError(f"`{flag}` must be >= 1, got {value}")
+    overlap = set(args.corruptions) & set(args.val_corruptions)
+    if overlap and {"val", "test"} <= set(args.splits):
+        raise ValueError(f"`--val-corruptions` must be disjoint from `--corruptions`, both have {sorted(overlap)}")
+    if "test" not in args.splits:
+        args.lofo = []
     return args
 
 
@@ -96,24 +137,67 @@ def evaluate(model: Classifier, images: Tensor, labels: Tensor, corrupted: Corru
     }
 
 
-def summarize_method(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean and spread over seeds; the worst corruption is the lowest seed-averaged one."""
-    seeds = list(runs.values())
+def family_score(result: Mapping[str, Any], names: Sequence[str]) -> float:
+    """Mean accuracy over ``names``' severities in a test evaluation."""
+    return statistics.fmean(statistics.fmean(result["per_corruption"][n]) for n in names)
+
+
+def summarize_split(seeds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over seeds of one split's scores; the worst corruption is the lowest seed-averaged one."""
     names = list(seeds[0]["per_corruption"])
     per_corruption = {n: summarize([statistics.fmean(r["per_corruption"][n]) for r in seeds]) for n in names}
     worst = min(per_corruption, key=lambda n: per_corruption[n]["mean"])
     return {
-        "clean": summarize([r["clean"] for r in seeds]),
         "mean_corrupted": summarize([r["mean_corrupted"] for r in seeds]),
         "worst_corruption": {"name": worst, **per_corruption[worst]},
+        "worst_corruption_per_seed": summarize([r["worst_corruption"]["acc"] for r in seeds]),
         "per_corruption": per_corruption,
+    }
+
+
+def summarize_method(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over seeds: clean, each scored split, training time."""
+    seeds = list(runs.values())
+    out: dict[str, Any] = {"clean": summarize([r["clean"] for r in seeds])}
+    for split in ("val", "test"):
+        if split in seeds[0]:
+            out[split] = summarize_split([r[split] for r in seeds])
+    return out | {
         "train_seconds": summarize([r["train_seconds"] for r in seeds]),
         "train_cpu_seconds": summarize([r["train_cpu_seconds"] for r in seeds]),
     }
 
 
-def make_context(args: argparse.Namespace, seed: int, train_size: int, root_dir: Path) -> MethodContext:
-    return context_from_args(args, TASK, seed, train_size, root_dir, in_channels=1)
+def per_seed_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers compared per seed: clean, and mean / worst corrupted on each scored split."""
+    out = {"clean": float(result["clean"])}
+    for split in ("val", "test"):
+        if split in result:
+            out[f"{split}_mean"] = float(result[split]["mean_corrupted"])
+            out[f"{split}_worst"] = float(result[split]["worst_corruption"]["acc"])
+    return out
+
+
+def paired(reference: Mapping[int, Mapping[str, float]], other: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
+    """Per metric: the per-seed differences ``reference - other``, their mean and 95% t-interval."""
+    seeds = sorted(set(reference) & set(other))
+    out: dict[str, Any] = {}
+    for metric in reference[seeds[0]] if seeds else []:
+        diffs = [reference[s][metric] - other[s][metric] for s in seeds if metric in other[s]]
+        if not diffs:
+            continue
+        mean = statistics.fmean(diffs)
+        half = (T_975[min(len(diffs), len(T_975) + 1) - 2] * statistics.stdev(diffs) / len(diffs) ** 0.5
+                if len(diffs) > 1 else float("nan"))
+        out[metric] = {"mean": mean, "ci95": [mean - half, mean + half], "values": diffs, "seeds": seeds}
+    return out
+
+
+def make_context(
+    args: argparse.Namespace, seed: int, train_size: int, root_dir: Path, exclude: Sequence[str] = ()
+) -> MethodContext:
+    extras = {"exclude_perturbations": tuple(exclude)} if exclude else None
+    return context_from_args(args, TASK, seed, train_size, root_dir, in_channels=1, extras=extras)
 
 
 def make_datamodule(args: argparse.Namespace) -> FashionMNISTDataModule:
@@ -161,62 +245,139 @@ def plot(path: Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
     plt.close(fig)
 
 
+def uses_bank(name: str) -> bool:
+    return name in LOFO_METHODS or name in ("uniform_share", "targeted_augmix") or name.startswith(("ls", "lightning"))
+
+
+def fmt_diff(stats: Mapping[str, Any]) -> str:
+    low, high = stats["ci95"]
+    return f"{100 * stats['mean']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     quiet_lightning()
+    torch.set_num_threads(args.threads)
     methods = resolve_methods(args.methods, TASK)
     reference = make_datamodule(args)
     reference.setup("fit")
     train_size = len(reference.train_set)  # type: ignore[arg-type]
-    test_images, test_labels = reference.test_set.tensors  # type: ignore[union-attr]
+    splits: dict[str, tuple[Tensor, Tensor, CorruptedSets]] = {}
     start = time.perf_counter()
-    corrupted = build_corrupted_sets(test_images, args.corruptions, args.corruption_seed)
-    print(
-        f"corrupted test sets: {len(args.corruptions)} x {NUM_SEVERITIES} x {len(test_labels)} images "
-        f"in {time.perf_counter() - start:.1f}s; training on {train_size} images"
-    )
+    if "val" in args.splits:
+        images, labels = reference.val_set.tensors  # type: ignore[union-attr]
+        splits["val"] = (images, labels, build_corrupted_sets(images, args.val_corruptions, args.corruption_seed))
+    if "test" in args.splits:
+        images, labels = reference.test_set.tensors  # type: ignore[union-attr]
+        splits["test"] = (images, labels, build_corrupted_sets(images, args.corruptions, args.corruption_seed))
+    print(f"corrupted sets ({', '.join(f'{k}: {len(v[1])} images' for k, v in splits.items())}) in "
+          f"{time.perf_counter() - start:.1f}s; training on {train_size} images")
+    clean_split = "test" if "test" in splits else "val"
+
+    def score(model: Classifier) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for split, (images, labels, corrupted) in splits.items():
+            out[split] = evaluate(model, images, labels, corrupted)
+        out["clean"] = out[clean_split]["clean"]
+        return out
+
     runs: dict[str, dict[int, dict[str, Any]]] = {}
+    lofo: dict[str, dict[str, dict[int, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="robustness-") as scratch:
-        for method in methods:
-            runs[method.name] = {}
-            for seed in args.seeds:
+        runs = {method.name: {} for method in methods}
+        for seed in args.seeds:  # seeds outside: a cut-short run still has every method on its first seeds
+            for method in methods:
                 ctx = make_context(args, seed, train_size, Path(scratch) / f"{method.name}-{seed}")
                 model, stats = run_method(method, ctx, make_datamodule(args))
-                result = evaluate(model, test_images, test_labels, corrupted)
+                result = score(model)
                 runs[method.name][seed] = {**result, **stats, "info": ctx.info}
-                print(
-                    f"{method.name} seed {seed}: clean {result['clean']:.4f}, mean corrupted "
-                    f"{result['mean_corrupted']:.4f}, {stats['train_seconds']:.1f}s"
-                )
+                parts = [f"{k} mean {result[k]['mean_corrupted']:.4f} worst {result[k]['worst_corruption']['acc']:.4f}"
+                         for k in splits]
+                print(f"{method.name} seed {seed}: clean {result['clean']:.4f}, {'; '.join(parts)}, "
+                      f"{stats['train_seconds']:.1f}s ({stats['train_cpu_seconds']:.1f} cpu s)", flush=True)
                 if args.export_dir is not None and seed == args.seeds[0]:
                     export_torchscript(model, args.export_dir / f"{method.name}.pt")
+        # Leave-one-family-out: bank methods retrain without the family; the others keep their main-run models.
+        for family in args.lofo:
+            removed, analogues = LOFO_FAMILIES[family]
+            lofo[family] = {}
+            for method in methods:
+                if not uses_bank(method.name):
+                    lofo[family][method.name] = {
+                        s: family_score(r["test"], analogues) for s, r in runs[method.name].items()
+                        if s in args.seeds[: args.lofo_seeds]}
+                    continue
+                if method.name not in (*LOFO_METHODS, args.reference):
+                    continue
+                lofo[family][method.name] = {}
+                for seed in args.seeds[: args.lofo_seeds]:
+                    ctx = make_context(args, seed, train_size, Path(scratch) / f"lofo-{family}-{method.name}-{seed}",
+                                       exclude=removed)
+                    model, _ = run_method(method, ctx, make_datamodule(args))
+                    images, labels, corrupted = splits["test"]
+                    result = evaluate(model, images, labels, {n: corrupted[n] for n in analogues})
+                    lofo[family][method.name][seed] = family_score(result, analogues)
+                    print(f"lofo {family} {method.name} seed {seed}: {lofo[family][method.name][seed]:.4f}", flush=True)
     summary = {name: summarize_method(per_seed) for name, per_seed in runs.items()}
-    rows = [
-        [
-            name,
-            pm(s["clean"]),
-            pm(s["mean_corrupted"]),
-            f"{s['worst_corruption']['name']} {pm(s['worst_corruption'])}",
-            f"{s['train_seconds']['mean']:.0f}",
-            f"{s['train_cpu_seconds']['mean']:.0f}",
-        ]
-        for name, s in summary.items()
-    ]
-    print(format_table(["method", "clean %", "mean corrupted %", "worst corruption %", "train s", "train cpu s"], rows))
+    metrics = {name: {s: per_seed_metrics(r) for s, r in per_seed.items()} for name, per_seed in runs.items()}
+    differences: dict[str, Any] = {}
+    if args.reference in runs:
+        differences = {name: paired(metrics[args.reference], metrics[name]) for name in runs if name != args.reference}
+        for family, per_method in lofo.items():
+            for name in per_method:
+                if name != args.reference and args.reference in per_method:
+                    ref = {s: {family: v} for s, v in per_method[args.reference].items()}
+                    oth = {s: {family: v} for s, v in per_method[name].items()}
+                    differences[name].setdefault("lofo", {}).update(paired(ref, oth))
+    headers = ["method", "clean %"]
+    for split in splits:
+        headers += [f"{split} mean corr. %", f"{split} worst corr. %"]
+    rows = []
+    for name, s in summary.items():
+        row = [name, pm(s["clean"])]
+        for split in splits:
+            row += [pm(s[split]["mean_corrupted"]),
+                    f"{s[split]['worst_corruption']['name']} {pm(s[split]['worst_corruption'])}"]
+        rows.append([*row, f"{s['train_seconds']['mean']:.0f}"])
+    print(format_table([*headers, "train s"], rows))
+    if differences:
+        keys = ["clean"] + [f"{split}_{m}" for split in splits for m in ("mean", "worst")]
+        print(f"\npaired difference {args.reference} - method, points, mean [95% t-interval over seeds]")
+        print(format_table(["method", *keys], [[n, *(fmt_diff(d[k]) if k in d else "-" for k in keys)]
+                                               for n, d in differences.items()]))
+    if lofo:
+        families = list(lofo)
+        print("\nleave-one-family-out: accuracy % on the family's test analogues, bank trained without the family")
+        lrows = []
+        for name in lofo[families[0]]:
+            row = [name]
+            for family in families:
+                values = list(lofo[family][name].values())
+                row.append(pm(summarize(values)))
+                diff = differences.get(name, {}).get("lofo", {}).get(family)
+                row.append(fmt_diff(diff) if diff else "-")
+            lrows.append(row)
+        print(format_table(["method", *(f"{f} {k}" for f in families for k in ("acc %", "diff"))], lrows))
     payload = {
         "benchmark": TASK,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         | {
             "train_size_used": train_size,
-            "test_size_used": len(test_labels),
+            "val_size_used": len(splits["val"][1]) if "val" in splits else None,
+            "test_size_used": len(splits["test"][1]) if "test" in splits else None,
             "max_steps": make_context(args, 0, train_size, Path()).max_steps,
+            "lofo_families": {f: {"removed": LOFO_FAMILIES[f][0], "tested_on": LOFO_FAMILIES[f][1]} for f in lofo},
         },
         "methods": {m.name: m.description for m in methods},
         "summary": summary,
+        "paired_differences": {"reference": args.reference, "ci": "95% t-interval over seeds", "vs": differences},
+        "lofo": {f: {m: summarize(list(v.values())) | {"per_seed": v} for m, v in per.items()}
+                 for f, per in lofo.items()},
         "runs": runs,
     }
     write_json(args.results_dir / f"{TASK}.json", payload)
-    plot(args.results_dir / f"{TASK}.png", summary)
+    if "test" in splits:
+        plot(args.results_dir / f"{TASK}.png", {n: s | s["test"] for n, s in summary.items()})
     return payload
 
 

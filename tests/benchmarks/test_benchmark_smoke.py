@@ -292,8 +292,11 @@ def test_robustness_main_smoke(tmp_path):
     saved = json.loads((tmp_path / "robustness.json").read_text())
     assert set(saved["summary"]) == {"erm", "trivialaugment"} == set(payload["summary"])
     erm = saved["summary"]["erm"]
-    assert 0 <= erm["mean_corrupted"]["mean"] <= 1 and erm["worst_corruption"]["name"] in robustness.CORRUPTIONS
-    assert len(saved["runs"]["erm"]["0"]["per_corruption"]["fog"]) == 5
+    test = erm["test"]
+    assert 0 <= test["mean_corrupted"]["mean"] <= 1 and test["worst_corruption"]["name"] in robustness.TEST_CORRUPTIONS
+    assert erm["val"]["worst_corruption"]["name"] in robustness.VALIDATION_CORRUPTIONS
+    assert len(saved["runs"]["erm"]["0"]["test"]["per_corruption"]["fog"]) == 5
+    assert set(saved["paired_differences"]["vs"]) == set()  # the reference (lightning_synth) did not run
     assert saved["config"]["max_steps"] == 4 and saved["runs"]["trivialaugment"]["0"]["steps"] == 4
     assert (tmp_path / "robustness.png").stat().st_size > 0
     for name in ("erm", "trivialaugment"):

@@ -92,3 +92,13 @@ def test_empty_batch_and_odd_sizes():
     assert corrupt(torch.rand(0, 1, 28, 28), "fog", 1).shape == (0, 1, 28, 28)
     for name in CORRUPTIONS:
         assert corrupt(torch.rand(2, 3, 13, 21), name, 5, seed=1).shape == (2, 3, 13, 21)
+
+
+def test_validation_corruptions_are_disjoint_from_test_and_bank():
+    from benchmarks.corruptions import LOFO_FAMILIES, TEST_CORRUPTIONS, VALIDATION_CORRUPTIONS
+
+    assert set(TEST_CORRUPTIONS) | set(VALIDATION_CORRUPTIONS) == set(CORRUPTIONS)
+    assert not set(TEST_CORRUPTIONS) & set(VALIDATION_CORRUPTIONS)
+    assert not BANK_NAMES & set(VALIDATION_CORRUPTIONS)
+    for removed, tested_on in LOFO_FAMILIES.values():
+        assert set(removed) <= BANK_NAMES and set(tested_on) <= set(TEST_CORRUPTIONS)

@@ -1,0 +1,74 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from benchmarks import methods as methods_module
+from benchmarks.common import MethodContext, budget, build_method, export_torchscript, run_method
+from benchmarks.robustness import family_score, paired, per_seed_metrics
+from lightning_synth.consistency import MixingChains
+from lightning_synth.datasets import DigitsDataModule
+from lightning_synth.generators import TargetedAugmentation
+
+
+def _ctx(tmp_path, exclude=()):
+    steps_per_epoch, max_steps = budget(train_size=997, batch_size=128, epochs=1)
+    return MethodContext(task="robustness", seed=0, in_channels=1, num_classes=10, image_size=(8, 8), batch_size=128,
+                         lr=1e-3, epochs=1, steps_per_epoch=steps_per_epoch, max_steps=max_steps, train_size=997,
+                         root_dir=tmp_path, accelerator="cpu",
+                         extras={"exclude_perturbations": tuple(exclude)} if exclude else {})
+
+
+def test_paired_difference_and_t_interval():
+    ref = {0: {"clean": 0.9}, 1: {"clean": 0.8}, 2: {"clean": 0.7}}
+    other = {0: {"clean": 0.8}, 1: {"clean": 0.6}, 2: {"clean": 0.4}}
+    diff = paired(ref, other)["clean"]
+    assert diff["mean"] == pytest.approx(0.2) and diff["values"] == pytest.approx([0.1, 0.2, 0.3])
+    half = 4.303 * 0.1 / 3**0.5
+    assert diff["ci95"] == pytest.approx([0.2 - half, 0.2 + half])
+
+
+def test_per_seed_metrics_and_family_score():
+    result = {"clean": 0.9, "test": {"mean_corrupted": 0.6, "worst_corruption": {"name": "fog", "acc": 0.3},
+                                     "per_corruption": {"fog": [0.2, 0.4], "jpeg": [0.8, 1.0]}}}
+    assert per_seed_metrics(result) == {"clean": 0.9, "test_mean": 0.6, "test_worst": 0.3}
+    assert family_score(result["test"], ["fog", "jpeg"]) == pytest.approx(0.6)
+
+
+def test_bank_names_leave_a_family_out(tmp_path):
+    assert methods_module.bank_names(_ctx(tmp_path)) is None
+    names = methods_module.bank_names(_ctx(tmp_path, exclude=("gaussian_blur", "motion_blur")))
+    assert names is not None and "gaussian_blur" not in names and "rotation" in names
+
+
+def test_targeted_default_is_the_benchmark_row():
+    assert TargetedAugmentation().class_bias == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["augmix", "uniform_share", "lightning_synth"])
+def test_robustness_methods_train_the_fixed_budget_and_export(name, tmp_path):
+    method = build_method(name, "robustness")
+    ctx = _ctx(tmp_path / name, exclude=("gaussian_noise",))
+    model, stats = run_method(method, ctx, DigitsDataModule(batch_size=128))
+    assert stats["steps"] == ctx.max_steps
+    if name == "augmix":
+        assert isinstance(model.consistency, MixingChains) and "gaussian_noise" not in model.consistency.bank
+    path = export_torchscript(model, tmp_path / f"{name}.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.load(str(path))
+    assert scripted(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_protocol_arguments_raise():
+    from benchmarks import robustness
+
+    for argv, match in ((["--threads", "0"], "threads"), (["--lofo-seeds", "0"], "lofo-seeds"),
+                        (["--corruptions", "fog", "--val-corruptions", "fog"], "disjoint")):
+        with pytest.raises(ValueError, match=match):
+            robustness.parse_args(argv)
+    assert robustness.parse_args(["--splits", "val"]).lofo == []  # no test split, no leave-one-family-out
