@@ -9,6 +9,7 @@ task's real datamodule.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -109,14 +110,17 @@ def lightning_synth_method(
 
     def wrap(datamodule: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
         worst_group = ctx.task == "worst_group"
-        budget = max(256, round(ctx.train_size * (0.5 if worst_group else budget_fraction)))
-        # The datamodule owns the sampler; a huge temperature makes its weights uniform (the ablation).
+        # Only what differs from SyntheticDataModule's defaults is passed, so the `lightning_synth` row is the
+        # README quick start (budget 1/3 of the training set, pool twice that, weight 0.75, adaptive sampler).
+        kwargs: dict[str, Any] = {}
+        if worst_group or budget_fraction != 1 / 3:
+            kwargs["synthetic_budget"] = 0.5 if worst_group else budget_fraction
+        if worst_group or weight != 0.75:
+            kwargs["initial_synthetic_weight"] = 1.0 if worst_group else weight
+        if not (adaptive and targeted):  # the datamodule owns the sampler; a huge temperature makes it uniform
+            kwargs["sampler_temperature"] = 1e6
         return SyntheticDataModule(
-            datamodule, generators=_generators(ctx, gan, scenarios, targeted, class_bias),
-            synthetic_budget=budget,
-            max_pool_samples=2 * budget, real_cache_size=8192,
-            initial_synthetic_weight=1.0 if worst_group else weight, seed=ctx.seed,
-            sampler_temperature=2.0 if adaptive and targeted else 1e6, sampler_uniform_mix=0.2,
+            datamodule, generators=_generators(ctx, gan, scenarios, targeted, class_bias), seed=ctx.seed, **kwargs
         )
 
     chains: dict[int, MixingChains] = {}

@@ -23,6 +23,7 @@ Writes ``<results-dir>/robustness.json`` (with the git commit) and ``robustness.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -84,6 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lofo", nargs="*", default=list(DEFAULT_LOFO), choices=list(LOFO_FAMILIES),
                         help="leave-one-family-out: train the bank methods without each family, test on its analogue")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="train nothing: combine the runs of these results files (the same command split by "
+                             "--seeds over processes) and report them as one run")
     parser.add_argument("--lofo-seeds", type=int, default=3, help="leave-one-family-out runs use the first N seeds")
     parser.add_argument("--reference", default="lightning_synth",
                         help="method whose paired differences to every other method are reported")
@@ -254,37 +258,14 @@ def fmt_diff(stats: Mapping[str, Any]) -> str:
     return f"{100 * stats['mean']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    quiet_lightning()
-    torch.set_num_threads(args.threads)
-    methods = resolve_methods(args.methods, TASK)
-    reference = make_datamodule(args)
-    reference.setup("fit")
-    train_size = len(reference.train_set)  # type: ignore[arg-type]
-    splits: dict[str, tuple[Tensor, Tensor, CorruptedSets]] = {}
-    start = time.perf_counter()
-    if "val" in args.splits:
-        images, labels = reference.val_set.tensors  # type: ignore[union-attr]
-        splits["val"] = (images, labels, build_corrupted_sets(images, args.val_corruptions, args.corruption_seed))
-    if "test" in args.splits:
-        images, labels = reference.test_set.tensors  # type: ignore[union-attr]
-        splits["test"] = (images, labels, build_corrupted_sets(images, args.corruptions, args.corruption_seed))
-    print(f"corrupted sets ({', '.join(f'{k}: {len(v[1])} images' for k, v in splits.items())}) in "
-          f"{time.perf_counter() - start:.1f}s; training on {train_size} images")
-    clean_split = "test" if "test" in splits else "val"
-
-    def score(model: Classifier) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for split, (images, labels, corrupted) in splits.items():
-            out[split] = evaluate(model, images, labels, corrupted)
-        out["clean"] = out[clean_split]["clean"]
-        return out
-
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
+def train_and_score(
+    args: argparse.Namespace, methods: Sequence[Any], train_size: int,
+    splits: Mapping[str, tuple[Tensor, Tensor, CorruptedSets]], score: Any,
+) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, dict[str, dict[int, float]]]]:
+    """Train every method on every seed (then the leave-one-family-out runs) and score them."""
     lofo: dict[str, dict[str, dict[int, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="robustness-") as scratch:
-        runs = {method.name: {} for method in methods}
+        runs: dict[str, dict[int, dict[str, Any]]] = {method.name: {} for method in methods}
         for seed in args.seeds:  # seeds outside: a cut-short run still has every method on its first seeds
             for method in methods:
                 ctx = make_context(args, seed, train_size, Path(scratch) / f"{method.name}-{seed}")
@@ -318,6 +299,61 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     result = evaluate(model, images, labels, {n: corrupted[n] for n in analogues})
                     lofo[family][method.name][seed] = family_score(result, analogues)
                     print(f"lofo {family} {method.name} seed {seed}: {lofo[family][method.name][seed]:.4f}", flush=True)
+    return runs, lofo
+
+
+def merge_parts(paths: Sequence[Path], names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The per-seed runs and leave-one-family-out scores of several results files, as one run."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
+    lofo: dict[str, dict[str, dict[int, float]]] = {}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        for name, per_seed in part["runs"].items():
+            if name in runs:
+                runs[name].update({int(seed): result for seed, result in per_seed.items()})
+        for family, per_method in part.get("lofo", {}).items():
+            for name, stats in per_method.items():
+                lofo.setdefault(family, {}).setdefault(name, {}).update(
+                    {int(seed): value for seed, value in stats["per_seed"].items()})
+    missing = [name for name, per_seed in runs.items() if not per_seed]
+    if missing:
+        raise ValueError(f"`--merge`: no runs of {missing} in {[str(p) for p in paths]}")
+    return {n: dict(sorted(r.items())) for n, r in runs.items()}, lofo
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    quiet_lightning()
+    torch.set_num_threads(args.threads)
+    methods = resolve_methods(args.methods, TASK)
+    reference = make_datamodule(args)
+    reference.setup("fit")
+    train_size = len(reference.train_set)  # type: ignore[arg-type]
+    splits: dict[str, tuple[Tensor, Tensor, CorruptedSets]] = {}
+    start = time.perf_counter()
+    if "val" in args.splits:
+        images, labels = reference.val_set.tensors  # type: ignore[union-attr]
+        splits["val"] = (images, labels, build_corrupted_sets(images, args.val_corruptions, args.corruption_seed))
+    if "test" in args.splits:
+        images, labels = reference.test_set.tensors  # type: ignore[union-attr]
+        splits["test"] = (images, labels, build_corrupted_sets(images, args.corruptions, args.corruption_seed))
+    print(f"corrupted sets ({', '.join(f'{k}: {len(v[1])} images' for k, v in splits.items())}) in "
+          f"{time.perf_counter() - start:.1f}s; training on {train_size} images")
+    clean_split = "test" if "test" in splits else "val"
+
+    def score(model: Classifier) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for split, (images, labels, corrupted) in splits.items():
+            out[split] = evaluate(model, images, labels, corrupted)
+        out["clean"] = out[clean_split]["clean"]
+        return out
+
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    lofo: dict[str, dict[str, dict[int, float]]] = {}
+    if args.merge:
+        runs, lofo = merge_parts(args.merge, [m.name for m in methods])
+    else:
+        runs, lofo = train_and_score(args, methods, train_size, splits, score)
     summary = {name: summarize_method(per_seed) for name, per_seed in runs.items()}
     metrics = {name: {s: per_seed_metrics(r) for s, r in per_seed.items()} for name, per_seed in runs.items()}
     differences: dict[str, Any] = {}

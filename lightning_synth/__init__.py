@@ -2,6 +2,7 @@
 
 from lightning_synth.batch import BatchAdapter, BatchView
 from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SynthesisCallback
+from lightning_synth.consistency import MixingChains, jsd_consistency
 from lightning_synth.control import SynthesisController, SynthesisSettings
 from lightning_synth.data import AdaptiveSampler, SyntheticPool, SyntheticWeighting
 from lightning_synth.datamodule import SyntheticDataModule, attach
@@ -26,6 +27,7 @@ __all__ = [
     "ConditionalGAN",
     "ConditionalGANGenerator",
     "FailureModeCallback",
+    "MixingChains",
     "Perturbation",
     "PerturbationBank",
     "ScenarioGenerator",
@@ -43,5 +45,6 @@ __all__ = [
     "__version__",
     "attach",
     "default_bank",
+    "jsd_consistency",
     "register_perturbation",
 ]

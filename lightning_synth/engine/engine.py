@@ -89,7 +89,8 @@ class SynthesisEngine:
         eviction: which samples leave a full pool first (``"learned"``: the lowest recent training loss).
         real_cache_size: real training samples kept on hand for generators to transform.
         min_generator_share: budget floor per generator when the budget follows sampler mass.
-        initial_synthetic_weight: multiplier of the synthetic share before any feedback.
+        initial_synthetic_weight: multiplier of the synthetic share before any feedback (0.75: chosen on
+            the robustness benchmark's validation corruptions).
         min_synthetic_weight: lower bound of the synthetic weight.
         max_synthetic_weight: upper bound of the synthetic weight.
         plateau_patience: epochs without progress on synthetic data before the weight is lowered.
@@ -122,7 +123,7 @@ class SynthesisEngine:
         eviction: Literal["oldest", "lowest_quality", "learned", "random"] = "oldest",
         real_cache_size: int = 8192,
         min_generator_share: float = 0.1,
-        initial_synthetic_weight: float = 1.0,
+        initial_synthetic_weight: float = 0.75,
         min_synthetic_weight: float = 0.1,
         max_synthetic_weight: float = 2.0,
         plateau_patience: int = 2,
