@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -53,6 +54,13 @@ def main() -> None:
     print(f"\nSynthetic pool: {stats['size']} samples by generator {stats['count_by_generator']}; "
           f"synthetic weight {datamodule.weighting.weight:.3f}")
     print(f"Logs in {trainer.log_dir}")
+    pictures = sorted(Path(trainer.log_dir or args.out).glob("lightning_synth/*.png"))
+    if pictures:
+        print("Profile pictures (accuracy gap per perturbation x severity; frontiers over epochs):")
+        for picture in pictures:
+            print(f"  {picture}")
+        print(f"Redraw them from the saved profiles: python -m lightning_synth.report {pictures[0].parent}/"
+              f"profile_epoch{profile.epoch}.json")
 
 
 if __name__ == "__main__":
