@@ -82,7 +82,13 @@ def test_shape_dtype_and_range_preserved(name, channels, images):
     assert torch.equal(batch, original), "the input must not be modified in place"
 
 
-@pytest.mark.parametrize("name", list(CORRUPTIONS))
+# glass_blur's ladder is known not to be monotone in pixel change (its blur grows faster than its
+# displacement at levels 2 and 4). It is a validation corruption, scored as a mean over the five levels, and
+# the published validation numbers were made with this ladder, so it is kept and the flaw is pinned here.
+_GLASS = pytest.mark.xfail(strict=True, reason="glass_blur ladder: levels 2 and 4 change images less than 1 and 3")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_GLASS) if n == "glass_blur" else n for n in CORRUPTIONS])
 def test_severity_is_monotone(name, images):
     change = [float((corrupt(images, name, s, seed=0) - images).abs().mean()) for s in range(1, 6)]
     assert all(a < b for a, b in pairwise(change)), change
