@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,30 +10,36 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.utils.data import DistributedSampler
-from torch.utils.hooks import RemovableHandle
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassRecall
 from torchmetrics.wrappers import ClasswiseWrapper
 from typing_extensions import override
 
 from lightning_synth._validation import check_int
-from lightning_synth.analysis import GroupAccuracy, ProbeAccuracy, build_profile, paired_gap_interval
+from lightning_synth.analysis import GroupAccuracy, build_profile
 from lightning_synth.batch import BatchAdapter, BatchView, resolve_batch_adapter
+from lightning_synth.callbacks._validation_hooks import (  # the underscored ones: old import paths
+    LogitsFn,
+    LogitsTap,
+    PaddingFilter,
+    _default_logits,
+    _first_val_loader,
+    _has_val_loop,
+    _padded_dataset_len,
+    gathered_value_range,
+    is_image_batch,
+    profile_metrics,
+)
+from lightning_synth.callbacks._validation_hooks import _as_class_logits as _as_class_logits  # old import path
 from lightning_synth.logging import log_profile_pictures, log_table, write_json_artifact
-from lightning_synth.perturbations import Params, Perturbation, PerturbationBank
+from lightning_synth.perturbations import PerturbationBank
+from lightning_synth.probing import PerturbationProber
 from lightning_synth.profile import WeaknessProfile
 from lightning_synth.value_range import ValueRange
 
 __all__ = ["FailureModeCallback"]
 
-LogitsFn = Callable[[L.LightningModule, Tensor], Tensor]
 SliceFn = Callable[[Any], dict[str, Tensor]]
-
-
-def _default_logits(module: L.LightningModule, inputs: Tensor) -> Tensor:
-    return module(inputs)
 
 
 class FailureModeCallback(Callback):
@@ -185,34 +190,22 @@ class FailureModeCallback(Callback):
         self.profile: WeaknessProfile | None = None
         self.history: list[WeaknessProfile] = []
         self.probe_forwards = 0  # perturbed images scored, over the run (what probing cost)
-        self._param_cache: dict[tuple[Any, ...], Params] = {}
-        self._param_cache_bytes = 0
-        # Decision state (identical on every rank: derived from counts summed over ranks)
-        self._analyses = 0
-        self._full_next = True
-        self._moved: set[str] = set()  # perturbations whose frontier moved by more than a level
-        self._memory: Tensor | None = None  # (4, P, S + 1) counts of each cell's last measurement
+        # Which cells to probe and when to stop (identical on every rank: derived from counts summed over ranks)
+        self.prober = PerturbationProber(
+            self.bank, self.severities, max_samples, frontier_threshold, full_sweep_every, sequential,
+            probe_batch_size, seed, stages=self.STAGES, param_cache_bytes=self.PARAM_CACHE_BYTES,
+        )
+        self._tap = LogitsTap()
         self._warned_not_images = False
-        self._reset_run_state()
+        self._active = False
+        self._metrics: dict[str, Any] = {}
+        self._slice_metrics: dict[str, GroupAccuracy] = {}
+        self._padding = PaddingFilter()
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(perturbations=tuple(self.bank.names), every_n_epochs=self.every_n_epochs)
-
-    def _reset_run_state(self) -> None:
-        self._active = False
-        self._metrics: dict[str, Any] = {}
-        self._slice_metrics: dict[str, GroupAccuracy] = {}
-        self._captured: Tensor | None = None
-        self._capturing = False
-        self._hook: RemovableHandle | None = None
-        self._seen = 0
-        self._position = 0
-        self._warned_extra_forward = False
-        self._plan: Tensor | None = None  # (P, S) cells to probe this pass
-        self._stages: list[int] = []
-        self._dataset_len: int | None = None
 
     # ----------------------------------------------------------------------------------------- hooks
     @override
@@ -233,7 +226,7 @@ class FailureModeCallback(Callback):
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._captured = None
+        self._tap.captured = None
 
     @override
     def on_validation_batch_end(
@@ -248,7 +241,7 @@ class FailureModeCallback(Callback):
         if not self._active or dataloader_idx != 0:
             return
         view = self.adapter.unpack(batch)
-        logits = self._logits_from_step(outputs, view, pl_module)
+        logits = self._tap.from_step(outputs, view, pl_module, self.logits_fn)
         self._update(trainer, pl_module, batch, view, logits)
 
     @override
@@ -256,24 +249,21 @@ class FailureModeCallback(Callback):
         if not self._active:
             return
         self._active = False
-        self._remove_hook()
+        self._tap.remove()
         profile = self._finish_pass(trainer)
         if profile is not None:
             self._publish(trainer, pl_module, profile)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._remove_hook()
+        self._tap.remove()
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [p.to_json() for p in self.history],
             "profile": self.profile and self.profile.to_json(),
-            "analyses": self._analyses,
-            "full_next": self._full_next,
-            "moved": sorted(self._moved),
-            "memory": None if self._memory is None else self._memory.tolist(),
+            **self.prober.state_dict(),
             "probe_forwards": self.probe_forwards,
         }
 
@@ -282,13 +272,7 @@ class FailureModeCallback(Callback):
         self.history = [WeaknessProfile.from_json(p) for p in state_dict.get("history", [])]
         latest = state_dict.get("profile")
         self.profile = WeaknessProfile.from_json(latest) if latest else None
-        self._analyses = int(state_dict.get("analyses", len(self.history)))
-        self._full_next = bool(state_dict.get("full_next", True))
-        self._moved = set(state_dict.get("moved", []))
-        memory = state_dict.get("memory")
-        self._memory = None if memory is None else torch.tensor(memory, dtype=torch.float64)
-        if self._memory is not None and tuple(self._memory.shape[1:]) != (len(self.bank), len(self.severities) + 1):
-            self._memory, self._full_next = None, True  # another bank or ladder: start with a full sweep
+        self.prober.load_state_dict(state_dict, analyses=len(self.history))
         self.probe_forwards = int(state_dict.get("probe_forwards", 0))
 
     # ------------------------------------------------------------------------------------ on demand
@@ -323,93 +307,19 @@ class FailureModeCallback(Callback):
     def _start_pass(
         self, trainer: L.Trainer, pl_module: L.LightningModule, capture: bool = True, loader: Any | None = None
     ) -> None:
-        self._remove_hook()
-        self._metrics = {"probe": ProbeAccuracy(len(self.bank), len(self.severities)).to(pl_module.device)}
+        self._tap.remove()
+        self._metrics = {}
         self._slice_metrics = {}
-        self._seen = 0
-        self._position = 0
-        self._plan = self._probe_plan()
-        world = max(trainer.world_size, 1)
-        per_rank = math.ceil(self.max_samples / world)
-        stages = {math.ceil(per_rank * f) for f in self.STAGES} if self.sequential else set()
-        self._stages = sorted(s for s in stages if 0 < s < per_rank)
-        self._dataset_len = _padded_dataset_len(trainer, loader)
+        self._padding = PaddingFilter(_padded_dataset_len(trainer, loader))
+        self.prober.start_pass(self.profile, max(trainer.world_size, 1), trainer.global_rank, pl_module.device)
         if capture:
-            self._hook = pl_module.register_forward_hook(self._capture)
-
-    def _probe_plan(self) -> Tensor:
-        """Which (perturbation, severity) cells to probe: all on a full sweep, else a window of one level
-        around each perturbation's last frontier, and the whole ladder of a perturbation whose frontier moved
-        by more than a level (a deterministic function of synced state, so identical on every rank)."""
-        plan = torch.ones(len(self.bank), len(self.severities), dtype=torch.bool)
-        full = self._full_next or self._memory is None or self.profile is None or (
-            self._analyses % self.full_sweep_every == 0)
-        if full:
-            return plan
-        sev = torch.tensor(self.severities, dtype=torch.float64)
-        for p, name in enumerate(self.bank.names):
-            front = self.profile.frontier.get(name)  # type: ignore[union-attr]
-            if name in self._moved:
-                continue
-            if front is None:  # never reached the threshold: watch the top two levels
-                plan[p] = sev >= sev[-min(2, len(sev))]
-            else:  # the level nearest the frontier, one below and one above
-                near = math.floor(front + 0.5)
-                plan[p] = (sev >= near - 1) & (sev <= near + 1)
-        return plan
-
-    def _capture(self, module: Any, args: Any, output: Any) -> None:
-        if not self._capturing and isinstance(output, Tensor):
-            self._captured = output
-
-    def _remove_hook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def _logits_from_step(self, outputs: Any, view: BatchView, pl_module: L.LightningModule) -> Tensor:
-        n = len(view.targets)
-        if isinstance(outputs, dict):
-            for key in ("logits", "preds", "outputs"):
-                value = outputs.get(key)
-                if isinstance(value, Tensor) and value.ndim in (1, 2) and value.shape[0] == n:
-                    return _as_class_logits(value)
-        captured = self._captured
-        if captured is not None and captured.ndim in (1, 2) and captured.shape[0] == n:
-            return _as_class_logits(captured)
-        if not self._warned_extra_forward:
-            self._warned_extra_forward = True
-            rank_zero_warn(
-                "FailureModeCallback could not see the logits of `validation_step` (it neither called "
-                "`self(x)` nor returned {'logits': ...}), so it runs one extra forward per validation batch. "
-                "Return `{'logits': logits}` from `validation_step` to avoid it."
-            )
-        return self._forward(pl_module, view.inputs)
-
-    def _forward(self, pl_module: L.LightningModule, inputs: Tensor) -> Tensor:
-        self._capturing = True
-        try:
-            trainer = pl_module._trainer
-            if trainer is not None:
-                with trainer.precision_plugin.forward_context():  # the model's own precision
-                    logits = self.logits_fn(pl_module, inputs)
-            else:
-                logits = self.logits_fn(pl_module, inputs)
-        finally:
-            self._capturing = False
-        if not isinstance(logits, Tensor) or logits.ndim not in (1, 2):
-            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise TypeError(
-                f"FailureModeCallback expected (batch, classes) logits from the model, got {got}. "
-                "Pass `logits_fn=lambda module, x: ...` returning logits."
-            )
-        return _as_class_logits(logits)
+            self._tap.attach(pl_module)
 
     def _update(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, view: BatchView, logits: Tensor
     ) -> None:
         targets = view.targets.to(logits.device).long().reshape(-1)
-        keep = self._kept(trainer, len(targets), targets)
+        keep = self._padding.keep(targets, self.ignore_index, max(trainer.world_size, 1), trainer.global_rank)
         if "confusion" not in self._metrics:
             self._init_class_metrics(logits.shape[1], pl_module.device)
         num_classes = logits.shape[1]
@@ -432,18 +342,10 @@ class FailureModeCallback(Callback):
                 self._slice_metrics[key] = GroupAccuracy(self.max_groups).to(pl_module.device)
             groups = groups.reshape(-1).to(hits.device)
             self._slice_metrics[key].update(groups[keep], hits[keep])
-        self._probe(trainer, pl_module, view.inputs, targets, hits, keep)
-
-    def _kept(self, trainer: L.Trainer, n: int, targets: Tensor) -> Tensor:
-        """Which samples of this batch count: not an ignore label, not a padding repeat of the distributed
-        sampler (local position ``p`` on rank ``r`` is global position ``p * W + r``)."""
-        keep = (targets != self.ignore_index).cpu()
-        if self._dataset_len is not None:
-            world = max(trainer.world_size, 1)
-            positions = torch.arange(self._position, self._position + n) * world + trainer.global_rank
-            keep &= positions < self._dataset_len
-        self._position += n
-        return keep
+        if self.prober.wants(len(targets)) and self._images(view.inputs):
+            self.probe_forwards += self.prober.probe(
+                view.inputs, targets, hits, keep, lambda x: self._tap.forward(pl_module, x, self.logits_fn),
+                lambda x: self._range(trainer, x), lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
 
     def _init_class_metrics(self, num_classes: int, device: torch.device) -> None:
         if self.class_names is not None and len(self.class_names) != num_classes:
@@ -454,10 +356,9 @@ class FailureModeCallback(Callback):
         recall = MulticlassRecall(num_classes, average=None)
         self._metrics["recall"] = ClasswiseWrapper(recall, labels=labels, prefix="weakness/class_recall/").to(device)
 
-    def _images(self, trainer: L.Trainer, inputs: Any) -> bool:
+    def _images(self, inputs: Any) -> bool:
         """Whether ``inputs`` are images the bank can perturb (warns once when not)."""
-        if isinstance(inputs, Tensor) and inputs.ndim == 4 and inputs.shape[1] in (1, 3, 4) and min(
-                inputs.shape[-2:]) >= 3:
+        if is_image_batch(inputs):
             return True
         if not self._warned_not_images:
             self._warned_not_images = True
@@ -470,108 +371,8 @@ class FailureModeCallback(Callback):
 
     def _range(self, trainer: L.Trainer, inputs: Tensor) -> ValueRange:
         if self.value_range is None:
-            if inputs.is_floating_point():
-                local = torch.stack([inputs.detach().min(), inputs.detach().max()]).double().reshape(1, 2)
-                both = trainer.strategy.all_gather(local).reshape(-1, 2).cpu()  # same range on every rank
-                low, high = float(both[:, 0].min()), float(both[:, 1].max())
-                self.value_range = ValueRange.detect(torch.tensor([low, high], dtype=inputs.dtype))
-            else:
-                self.value_range = ValueRange.detect(inputs[:1])
+            self.value_range = gathered_value_range(trainer, inputs)
         return self.value_range
-
-    def _probe(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, inputs: Any, targets: Tensor, hits: Tensor,
-        keep: Tensor,
-    ) -> None:
-        world = max(trainer.world_size, 1)
-        budget = math.ceil(self.max_samples / world) - self._seen
-        take = max(min(budget, len(targets)), 0)
-        if take == 0 or self._plan is None or not self._images(trainer, inputs):
-            return
-        start = 0
-        while start < take:
-            stop = take
-            for stage in self._stages:
-                if self._seen < stage < self._seen + (take - start):
-                    stop = start + stage - self._seen
-                    break
-            self._probe_segment(trainer, pl_module, inputs[start:stop], targets[start:stop], hits[start:stop],
-                                keep[start:stop])
-            self._seen += stop - start
-            start = stop
-            if self._seen in self._stages:
-                self._sequential_stop(trainer)
-
-    def _probe_segment(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, inputs: Tensor, targets: Tensor, hits: Tensor,
-        keep: Tensor,
-    ) -> None:
-        assert self._plan is not None
-        world = max(trainer.world_size, 1)
-        # The validation sampler shards round-robin, so local position p on rank r is dataset index p*W+r:
-        # seeding each sample by that index gives the same perturbation as in a single process.
-        positions = torch.arange(self._seen, self._seen + len(targets))
-        seeds = positions * world + trainer.global_rank + self.seed * 1_000_003
-        keep = keep.to(inputs.device)
-        images, labels, clean = inputs[keep], targets[keep], hits[keep]
-        seeds = seeds[keep.cpu()]
-        probe: ProbeAccuracy = self._metrics["probe"]
-        probe.update(slice(None), 0, clean.unsqueeze(0).expand(len(self.bank), -1))
-        cells = self._plan.nonzero().tolist()
-        if not len(labels) or not cells:
-            return
-        vr = self._range(trainer, images)
-        unit = vr.to_unit(images)
-        chunk = self.probe_batch_size or max(len(targets), 1)
-        ops = list(self.bank)
-        batch: list[Tensor] = []
-        pending: list[tuple[int, int]] = []
-        queued = 0
-
-        def flush() -> None:
-            nonlocal batch, pending, queued
-            if not batch:
-                return
-            preds = self._forward(pl_module, torch.cat(batch)).argmax(-1).view(len(pending), -1)
-            correct = preds == labels.unsqueeze(0).to(preds.device)
-            for (p, s), row in zip(pending, correct):
-                probe.update(p, s + 1, row, clean)
-            self.probe_forwards += len(pending) * len(labels)
-            batch, pending, queued = [], [], 0
-
-        for p, s in cells:
-            op: Perturbation = ops[p]
-            params = self._probe_params(op, unit.shape, self.severities[s], seeds)
-            batch.append(vr.from_unit(op.apply(unit, params)).to(inputs.dtype))
-            pending.append((p, s))
-            queued += len(labels)
-            if queued + len(labels) > chunk:
-                flush()
-        flush()
-
-    def _sequential_stop(self, trainer: L.Trainer) -> None:
-        """Stop cells whose gap's confidence interval lies on one side of the frontier threshold (on counts
-        summed over ranks, so every rank stops the same cells)."""
-        if self._plan is None:
-            return
-        probe: ProbeAccuracy = self._metrics["probe"]
-        counts = trainer.strategy.reduce(probe.counts().clone(), reduce_op="sum").cpu()
-        _, low, high = paired_gap_interval(counts[:, :, 1:])
-        settled = (low > self.frontier_threshold) | (high < self.frontier_threshold)
-        self._plan = self._plan & ~(settled & (counts[1, :, 1:] > 0))
-
-    def _probe_params(self, op: Perturbation, shape: torch.Size, severity: int, seeds: Tensor) -> Params:
-        """Per-sample probe parameters, cached across epochs: the probe subset is the same every analysis."""
-        key = (op.name, severity, tuple(shape), tuple(seeds.tolist()) if not op.keyed_draws else (
-            int(seeds[0]), len(seeds)))
-        params = self._param_cache.get(key) if not op.keyed_draws else None
-        if params is None:
-            params = op.sample_params_per_sample(shape, severity, seeds)
-            size = sum(v.numel() * v.element_size() for v in params.values())
-            if not op.keyed_draws and self._param_cache_bytes + size <= self.PARAM_CACHE_BYTES:
-                self._param_cache[key] = params
-                self._param_cache_bytes += size
-        return params
 
     def _finish_pass(self, trainer: L.Trainer) -> WeaknessProfile | None:
         if "confusion" not in self._metrics:
@@ -579,10 +380,8 @@ class FailureModeCallback(Callback):
                            "It keeps the previous profile.")
             return None
         confusion = self._metrics["confusion"].compute()
-        probe: ProbeAccuracy = self._metrics["probe"]
         # Same call on every rank: reduce is a collective under DDP.
-        counts = trainer.strategy.reduce(probe.counts().clone(), reduce_op="sum").double().cpu()
-        counts = self._carry_over(counts)
+        counts = self.prober.finish_pass(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         slice_counts = {k: m.compute() for k, m in sorted(self._slice_metrics.items())}
         self._recall = self._metrics["recall"].compute()
         profile = build_profile(
@@ -591,39 +390,13 @@ class FailureModeCallback(Callback):
             top_k_confusions=self.top_k_confusions, min_support=self.min_support, epoch=trainer.current_epoch,
             probe_clean_correct=counts[2],
         )
-        self._after_analysis(profile)
+        self.prober.after_analysis(profile, self.profile)
         return profile
-
-    def _carry_over(self, counts: Tensor) -> Tensor:
-        """Cells not probed this pass keep their last measurement (counts and paired gap)."""
-        if self._memory is not None and self._memory.shape == counts.shape:
-            fresh = counts[1] > 0
-            fresh[:, 0] = True
-            counts = torch.where(fresh.unsqueeze(0), counts, self._memory)
-        if bool((counts[1, :, 1:] > 0).any()):
-            self._memory = counts.clone()
-        return counts
-
-    def _after_analysis(self, profile: WeaknessProfile) -> None:
-        previous = self.profile.frontier if self.profile is not None else {}
-        top = float(max(self.severities))
-        self._moved = {n for n in self.bank.names
-                       if abs((profile.frontier.get(n) or top) - (previous.get(n) or top)) > 1.0}
-        self._full_next = self._memory is None
-        self._analyses += 1
 
     def _publish(self, trainer: L.Trainer, pl_module: L.LightningModule, profile: WeaknessProfile) -> None:
         self.profile = profile
         self.history.append(profile)
-        metrics = {f"weakness/{w.key}": w.gap for w in profile.weaknesses if w.kind != "confusion"}
-        metrics["weakness/clean_error"] = profile.clean_error
-        for name, sev in profile.frontier.items():
-            metrics[f"weakness/frontier/{name}"] = float("nan") if sev is None else sev
-        for key in sorted(self._slice_metrics):
-            accs = [1 - w.error_rate for w in profile.by_kind("slice") if w.name.startswith(f"{key}=")]
-            if accs:
-                metrics[f"weakness/worst_group_acc/{key}"] = min(accs)
-        metrics.update({k: float(v) for k, v in self._recall.items()})
+        metrics = profile_metrics(profile, self._slice_metrics, self._recall)
         if trainer.state.fn == "fit" and trainer.validating:
             pl_module.log_dict(metrics, sync_dist=False, rank_zero_only=False)
         elif trainer.global_rank == 0:
@@ -638,43 +411,3 @@ class FailureModeCallback(Callback):
         if self.verbose:
             rank_zero_info(profile.format())
 
-def _as_class_logits(logits: Tensor) -> Tensor:
-    """``(B, C)`` class scores; a single-logit binary model (``(B,)`` or ``(B, 1)``) becomes two classes."""
-    if logits.ndim == 1:
-        logits = logits[:, None]
-    if logits.shape[1] == 1:
-        logits = torch.cat([torch.zeros_like(logits), logits], 1)
-    return logits
-
-
-def _padded_dataset_len(trainer: L.Trainer, loader: Any | None) -> int | None:
-    """The dataset length when a distributed sampler pads it with repeats (else ``None``: nothing to drop)."""
-    if loader is None:
-        loaders = getattr(trainer, "val_dataloaders", None)
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-        try:
-            length = len(sampler.dataset)  # type: ignore[arg-type]
-        except TypeError:
-            return None
-        return length if sampler.total_size > length else None
-    return None
-
-
-def _has_val_loop(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-    source = getattr(trainer, "datamodule", None) or pl_module
-    if is_overridden("val_dataloader", source):
-        return True
-    data_source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
-    return bool(data_source is not None and data_source.is_defined())
-
-
-def _first_val_loader(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
-    source = getattr(trainer, "datamodule", None) or pl_module
-    loaders = source.val_dataloader()
-    if isinstance(loaders, (list, tuple)):
-        if not loaders:
-            raise ValueError("`analyze()` found no validation dataloader; pass `dataloader=`.")
-        return loaders[0]
-    return loaders

@@ -10,18 +10,7 @@ A slice is an integer attribute of the real samples (``num_slices > 0``; read fr
 slice have *separate* embeddings, so a (class, slice) cell that is rare or absent in training can still be
 asked for; the GAN counts the (class, slice) cells it was trained on in :attr:`ConditionalGAN.cell_counts`.
 
-- Generator: upsample + 3x3 convolutions with conditional batch norm (gains and biases from the class and
-  category embeddings), sigmoid output in [0, 1].
-- Discriminator: spectrally normalised convolutions; a projection head (class, category and severity)
-  gives the realism logit, and an auxiliary head predicts class and category (as in AC-GAN, trained on
-  real images only), which keeps samples class-consistent.
-- A mode-seeking term (MSGAN) keeps samples of one condition diverse: without it the generator learns to
-  ignore its noise and draws one image per class.
-- Negative data augmentation (NDA, Sinha et al. 2021): the discriminator also sees junk (uniform noise,
-  pixel-shuffled real images, black and flat images) as fake, so that :meth:`ConditionalGAN.realism` rejects junk
-  that the generator never happened to draw, and is usable as a quality filter.
-- An optional task-adversarial term pushes samples toward what a task model gets wrong, without flipping
-  their label.
+The networks and their losses are in :mod:`lightning_synth.generators.gan_networks`.
 
 Under DDP, train it with ``Trainer.fit`` (it is a LightningModule): the strategy gives each rank its shard of
 the batches and averages the gradients, so the ranks hold one model, not N copies. :meth:`ConditionalGAN.sample`
@@ -38,147 +27,36 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils.parametrizations import spectral_norm
 from torch.optim import Adam, Optimizer
 from typing_extensions import override
 
 from lightning_synth._validation import check_int
 from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
-from lightning_synth.perturbations import PerturbationBank, default_bank, registered_perturbations
+from lightning_synth.generators.gan_conditions import (
+    CLEAN,
+    _check_categories,
+    _describe,
+    check_conditions,
+    check_images,
+    check_slices,
+    check_training_weights,
+)
+from lightning_synth.generators.gan_conditions import _check_float as _check_float  # old path
+from lightning_synth.generators.gan_conditions import _is_number as _is_number  # old path
+from lightning_synth.generators.gan_networks import _ConditionalBatchNorm as _ConditionalBatchNorm  # old path
+from lightning_synth.generators.gan_networks import (
+    _Discriminator,
+    _eval_mode,
+    _Generator,
+    make_junk,
+    margin_hinge,
+    mode_seeking_loss,
+    task_adversarial_loss,
+)
+from lightning_synth.perturbations import PerturbationBank, default_bank
 
 __all__ = ["CLEAN", "ConditionalGAN", "make_junk", "margin_hinge", "mode_seeking_loss"]
-
-CLEAN = "clean"
-"""The category of unperturbed images."""
-
-
-class _ConditionalBatchNorm(nn.Module):
-    """Batch norm whose per-channel gain and bias come from the condition vector."""
-
-    def __init__(self, channels: int, condition_dim: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm2d(channels, affine=False)
-        self.gain = nn.Linear(condition_dim, channels)
-        self.bias = nn.Linear(condition_dim, channels)
-        nn.init.zeros_(self.gain.weight)
-        nn.init.zeros_(self.gain.bias)
-
-    def forward(self, x: Tensor, condition: Tensor) -> Tensor:
-        gain, bias = 1 + self.gain(condition), self.bias(condition)
-        return self.norm(x) * gain[:, :, None, None] + bias[:, :, None, None]
-
-
-class _Generator(nn.Module):
-    """``(z, class, category, severity code)`` -> image in [0, 1]: two 2x upsamplings, each followed by a
-    3x3 convolution (no checkerboard artefacts of strided transposed convolutions), with the condition
-    fed both to the input and to class-conditional batch norms."""
-
-    def __init__(
-        self, latent_dim: int, num_classes: int, num_categories: int, image_size: int, channels: int, width: int,
-        num_slices: int = 0,
-    ) -> None:
-        super().__init__()
-        self.image_size, self.start, self.width = image_size, math.ceil(image_size / 4), width
-        self.class_embed = nn.Embedding(num_classes, latent_dim)
-        self.category_embed = nn.Embedding(num_categories, latent_dim)
-        self.severity_embed = nn.Embedding(num_categories, latent_dim)
-        self.slice_embed = nn.Embedding(num_slices, latent_dim) if num_slices > 0 else None
-        condition_dim = (3 if num_slices > 0 else 2) * latent_dim
-        self.project = nn.Linear(latent_dim + condition_dim, 2 * width * self.start**2)
-        self.norm1 = _ConditionalBatchNorm(2 * width, condition_dim)
-        self.conv1 = nn.Conv2d(2 * width, width, 3, 1, 1)
-        self.norm2 = _ConditionalBatchNorm(width, condition_dim)
-        self.conv2 = nn.Conv2d(width, channels, 3, 1, 1)
-
-    def forward(self, z: Tensor, classes: Tensor, categories: Tensor, codes: Tensor, slices: Tensor) -> Tensor:
-        category = self.category_embed(categories) + codes[:, None] * self.severity_embed(categories)
-        parts = [self.class_embed(classes), category]
-        if self.slice_embed is not None:
-            parts.append(self.slice_embed(slices))
-        condition = torch.cat(parts, 1)
-        h = self.project(torch.cat([z, condition], 1)).view(-1, 2 * self.width, self.start, self.start)
-        h = self.conv1(F.interpolate(F.relu(self.norm1(h, condition)), scale_factor=2.0))
-        out = self.conv2(F.interpolate(F.relu(self.norm2(h, condition)), scale_factor=2.0))
-        off = (out.shape[-1] - self.image_size) // 2  # 4 * ceil(size / 4) may overshoot by up to 3 pixels
-        return torch.sigmoid(out[..., off : off + self.image_size, off : off + self.image_size])
-
-
-class _Discriminator(nn.Module):
-    """Projection discriminator: realism logit ``(B,)`` and auxiliary class+category logits.
-
-    The last feature map is flattened into a linear layer rather than averaged over positions: an average
-    is a bag of local patches, and a blank image is made of nothing but realistic background patches.
-    """
-
-    def __init__(
-        self, num_classes: int, num_categories: int, image_size: int, channels: int, width: int, num_slices: int = 0
-    ) -> None:
-        super().__init__()
-        dim = 4 * width
-        side = (image_size // 2) // 2  # after two stride-2 4x4 convolutions with padding 1
-        self.features = nn.Sequential(
-            spectral_norm(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2),
-            spectral_norm(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
-            spectral_norm(nn.Conv2d(2 * width, dim, 3, 1, 1)), nn.LeakyReLU(0.2), nn.Flatten(),
-            spectral_norm(nn.Linear(dim * side * side, dim)), nn.LeakyReLU(0.2),
-        )
-        self.realness = spectral_norm(nn.Linear(dim, 1))
-        self.class_embed = spectral_norm(nn.Embedding(num_classes, dim))
-        self.category_embed = spectral_norm(nn.Embedding(num_categories, dim))
-        self.severity_embed = spectral_norm(nn.Embedding(num_categories, dim))
-        self.slice_embed = spectral_norm(nn.Embedding(num_slices, dim)) if num_slices > 0 else None
-        self.aux = nn.Linear(dim, num_classes + num_categories + num_slices)
-
-    def forward(
-        self, images: Tensor, classes: Tensor, categories: Tensor, codes: Tensor, slices: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        h = self.features(images * 2 - 1)
-        projection = (
-            self.class_embed(classes) + self.category_embed(categories)
-            + codes[:, None] * self.severity_embed(categories)
-        )
-        if self.slice_embed is not None:
-            projection = projection + self.slice_embed(slices)
-        return self.realness(h).squeeze(1) + (projection * h).sum(1), self.aux(h)
-
-
-def mode_seeking_loss(images: Tensor, z: Tensor) -> Tensor:
-    """Mode-seeking term (MSGAN, Mao et al. 2019) for pairs ``(i, i + ceil(N / 2))`` made under the same
-    conditions: ``1 / (image distance / noise distance)``. Minimising it stops a conditional generator from
-    ignoring its noise (one image per class).
-    """
-    half = (len(z) + 1) // 2
-    m = len(z) - half
-    image_gap = (images[:m] - images[half : half + m]).abs().mean()
-    z_gap = (z[:m] - z[half : half + m]).abs().mean()
-    return 1.0 / (image_gap / z_gap.clamp(min=1e-8) + 1e-5) if m > 0 else images.sum() * 0.0
-
-
-def make_junk(images: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """``n`` junk images like ``images`` ``(B, C, H, W)``, in turn: uniform noise, a real image with its pixels
-    shuffled, a black (empty) image and a flat image of random brightness. At most ``B`` (the images to
-    shuffle)."""
-    n = min(n, len(images))
-    kind = (torch.arange(n) % 4).view(-1, 1, 1, 1)
-    noise = torch.rand((n, *images.shape[1:]), generator=generator)
-    order = torch.argsort(torch.rand(n, images[0].numel(), generator=generator), dim=1)
-    shuffled = torch.gather(images[:n].flatten(1).cpu(), 1, order).view_as(noise)
-    flat = torch.rand(n, 1, 1, 1, generator=generator).expand_as(noise) * (kind == 3)  # black when kind == 2
-    junk = torch.where(kind == 0, noise, torch.where(kind == 1, shuffled, flat))
-    return junk.to(images.device, images.dtype)
-
-
-def margin_hinge(logits: Tensor, targets: Tensor, floor: float) -> Tensor:
-    """Mean of ``relu(margin - floor)``, with ``margin = logit[target] - max other logit``.
-
-    Minimising it lowers the task model's margin on the target class but stops at ``floor >= 0``, so the
-    prediction is pushed toward the decision boundary without crossing it.
-    """
-    true = logits.gather(1, targets[:, None]).squeeze(1)
-    other = logits.scatter(1, targets[:, None], float("-inf")).amax(1)
-    return F.relu(true - other - floor).mean()
 
 
 class ConditionalGAN(L.LightningModule):
@@ -262,16 +140,8 @@ class ConditionalGAN(L.LightningModule):
         if not isinstance(slice_key, str) or not slice_key:
             raise TypeError(f"`slice_key` must be a non-empty string, got {_describe(slice_key)}")
         self.categories: list[str] = _check_categories(categories)
-        _check_float("lr", lr, 0.0, inclusive=False)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) for b in betas)):
-            raise TypeError(f"`betas` must be a pair of floats, got {betas!r}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"`betas` must both be in [0, 1), got {tuple(betas)}")
-        _check_float("aux_weight", aux_weight, 0.0)
-        _check_float("diversity_weight", diversity_weight, 0.0)
-        _check_float("junk_fraction", junk_fraction, 0.0)
-        _check_float("adversarial_weight", adversarial_weight, 0.0)
-        _check_float("adversarial_margin", adversarial_margin, 0.0)
+        check_training_weights(lr, betas, aux_weight, diversity_weight, junk_fraction, adversarial_weight,
+                               adversarial_margin)
         self.save_hyperparameters(ignore=["batch_adapter"])
         self.hparams["categories"] = list(self.categories)  # `None` would not say which
         self.automatic_optimization = False
@@ -529,15 +399,8 @@ class ConditionalGAN(L.LightningModule):
         return {"loss_g": loss, **out}
 
     def _adversarial_loss(self, fake: Tensor, labels: Tensor) -> Tensor:
-        model = self.task_model
-        assert model is not None
-        device = next((p.device for p in model.parameters()), fake.device)
-        # Detached weights: gradients reach the GAN's samples, never the task model's parameters.
-        params = {name: p.detach() for name, p in model.named_parameters()}
-        params.update(dict(model.named_buffers()))
-        with _eval_mode(model):
-            logits = functional_call(model, params, (fake.to(device),))
-        return margin_hinge(logits, labels.to(device), self.adversarial_margin).to(fake.device)
+        assert self.task_model is not None
+        return task_adversarial_loss(self.task_model, fake, labels, self.adversarial_margin)
 
     def _aux_loss(self, aux: Tensor, labels: Tensor, categories: Tensor, slices: Tensor) -> Tensor:
         num_classes, num_categories = self.num_classes, len(self.categories)
@@ -551,12 +414,7 @@ class ConditionalGAN(L.LightningModule):
         """Checked slice values ``(n,)`` on the GAN's device; zeros when ``None``."""
         if slices is None:
             return torch.zeros(n, dtype=torch.long, device=self.device)
-        if not isinstance(slices, Tensor) or slices.ndim != 1 or slices.is_floating_point() or len(slices) != n:
-            raise TypeError(f"`slices` must be a 1-D integer tensor of length {n}, got {_describe(slices)}")
-        limit = max(self.num_slices, 1)
-        if len(slices) and (int(slices.min()) < 0 or int(slices.max()) >= limit):
-            raise ValueError(f"`slices` must be in [0, {limit}), got values in [{int(slices.min())}, "
-                             f"{int(slices.max())}]")
+        check_slices(slices, n, self.num_slices)
         return slices.long().to(self.device)
 
     def _severities(self, categories: Tensor, severities: float | Tensor | None) -> Tensor:
@@ -573,79 +431,14 @@ class ConditionalGAN(L.LightningModule):
         return severities.float() / self._top_severity.to(severities.device)[categories].clamp(min=1.0)
 
     def _check_conditions(self, classes: Tensor, categories: Tensor) -> tuple[Tensor, Tensor]:
-        for name, value, limit in (("classes", classes, self.num_classes),
-                                   ("categories", categories, len(self.categories))):
-            if not isinstance(value, Tensor) or value.ndim != 1 or value.is_floating_point():
-                raise TypeError(f"`{name}` must be a 1-D integer tensor, got {_describe(value)}")
-            if len(value) and (int(value.min()) < 0 or int(value.max()) >= limit):
-                raise ValueError(f"`{name}` must be in [0, {limit}), got values in "
-                                 f"[{int(value.min())}, {int(value.max())}]")
-        if len(classes) != len(categories):
-            raise ValueError(f"`classes` and `categories` must have the same length, got "
-                             f"{len(classes)} and {len(categories)}")
+        check_conditions(classes, categories, self.num_classes, len(self.categories))
         return classes.long().to(self.device), categories.long().to(self.device)
 
     def _check_images(self, images: Tensor, n: int) -> None:
-        size, channels = self.image_size, self.channels
-        if not isinstance(images, Tensor) or tuple(images.shape) != (n, channels, size, size):
-            raise ValueError(
-                f"This GAN takes images of shape (N, {channels}, {size}, {size}) with N = {n} labels, got "
-                f"{_describe(images)}; set `image_size`/`channels` to match the data."
-            )
+        check_images(images, n, self.channels, self.image_size)
 
     def _ddp_needs_full_graph(self) -> bool:
         if self._trainer is None:
             return False
         model = self.trainer.strategy.model
         return isinstance(model, DistributedDataParallel) and not model.find_unused_parameters
-
-
-class _eval_mode:  # lower case: used like `torch.no_grad`
-    """Put a module in eval mode for a block, then restore its previous mode."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module, self.was_training = module, module.training
-
-    def __enter__(self) -> None:
-        self.module.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.module.train(self.was_training)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
-    return f"{type(value).__name__}: {value!r}"
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_float(name: str, value: object, minimum: float, inclusive: bool = True) -> None:
-    if not _is_number(value):
-        raise TypeError(f"`{name}` must be a float, got {_describe(value)}")
-    assert isinstance(value, (int, float))
-    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
-        rule = ">=" if inclusive else ">"
-        raise ValueError(f"`{name}` must be finite and {rule} {minimum}, got {value}")
-
-
-def _check_categories(categories: object) -> list[str]:
-    if isinstance(categories, str) or not isinstance(categories, Sequence):
-        raise TypeError(f"`categories` must be a list of names, got {_describe(categories)}")
-    names = list(categories)
-    if not all(isinstance(c, str) for c in names):
-        raise TypeError(f"`categories` must hold strings, got {names!r}")
-    if CLEAN not in names:
-        raise ValueError(f"`categories` must include {CLEAN!r}, got {names}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"`categories` must not repeat a name, got {names}")
-    unknown = [c for c in names if c != CLEAN and c not in registered_perturbations()]
-    if unknown:
-        raise ValueError(
-            f"`categories` has unknown perturbations {unknown}; use {CLEAN!r} or registered ones: "
-            f"{registered_perturbations()}"
-        )
-    return names

@@ -1,0 +1,272 @@
+"""Where and how much the analyzer probes: the probe plan, the probe segments, sequential stopping, the keyed
+per-sample parameters and the carry-over of cells not probed. Plain torch, no Lightning: what needs the
+trainer (scoring in the model's precision, summing over ranks, the input range) comes in as callables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_synth.analysis import ProbeAccuracy, paired_gap_interval
+from lightning_synth.perturbations import Params, Perturbation, PerturbationBank
+from lightning_synth.profile import WeaknessProfile
+from lightning_synth.value_range import ValueRange
+
+__all__ = ["PerturbationProber"]
+
+ScoreFn = Callable[[Tensor], Tensor]  # perturbed inputs -> (N, C) class logits
+RangeFn = Callable[[Tensor], ValueRange]  # inputs -> their value range (the same on every rank)
+ReduceFn = Callable[[Tensor], Tensor]  # a tensor summed over ranks (the identity in one process)
+
+
+class PerturbationProber:
+    """Scores a bounded subset of validation samples under each (perturbation, severity) cell of a bank.
+
+    Holds the decision state of :class:`~lightning_synth.callbacks.FailureModeCallback` (which cells to probe,
+    when to stop, what the last measurement of each cell was); every decision derives from counts summed over
+    ranks, so it is identical on every rank. The callback validates the arguments.
+
+    Args:
+        bank: the perturbations to probe with.
+        severities: sorted severity levels to probe.
+        max_samples: samples (over all ranks) scored under perturbations per pass.
+        frontier_threshold: accuracy drop that marks a perturbation's failure frontier.
+        full_sweep_every: every N-th analysis probes every severity.
+        sequential: stop probing a cell once its place relative to the frontier is settled.
+        probe_batch_size: images per probe forward (default: the size of the batch being probed).
+        seed: seed of the probe perturbations.
+        stages: fractions of the probe budget after which settled cells stop.
+        param_cache_bytes: probe parameters kept across passes (the probe subset does not change).
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> prober = PerturbationProber(PerturbationBank(["rotation"]), (1, 3, 5), max_samples=8)
+        >>> prober.start_pass(None, world=1, rank=0, device=torch.device("cpu"))
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        >>> images, labels = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+        >>> hits, keep = net(images).argmax(1) == labels, torch.ones(8, dtype=torch.bool)
+        >>> prober.probe(images, labels, hits, keep, net, ValueRange.detect, lambda t: t)  # perturbed images scored
+        24
+        >>> prober.finish_pass(lambda t: t).shape  # correct, total, clean_correct, discordant x (P, 1 + S)
+        torch.Size([4, 1, 4])
+    """
+
+    def __init__(
+        self,
+        bank: PerturbationBank,
+        severities: Sequence[int],
+        max_samples: int = 256,
+        frontier_threshold: float = 0.1,
+        full_sweep_every: int = 5,
+        sequential: bool = True,
+        probe_batch_size: int | None = None,
+        seed: int = 0,
+        stages: Sequence[float] = (0.25, 0.5),
+        param_cache_bytes: int = 256 * 2**20,
+    ) -> None:
+        self.bank, self.severities = bank, tuple(severities)
+        self.max_samples, self.frontier_threshold = max_samples, frontier_threshold
+        self.full_sweep_every, self.sequential = full_sweep_every, sequential
+        self.probe_batch_size, self.seed = probe_batch_size, seed
+        self.stage_fractions, self.param_cache_bytes = tuple(stages), param_cache_bytes
+        self._param_cache: dict[tuple[Any, ...], Params] = {}
+        self._param_cache_size = 0
+        # Decision state (identical on every rank: derived from counts summed over ranks)
+        self.analyses = 0
+        self.full_next = True
+        self.moved: set[str] = set()  # perturbations whose frontier moved by more than a level
+        self.memory: Tensor | None = None  # (4, P, S + 1) counts of each cell's last measurement
+        # Pass state
+        self.metric = ProbeAccuracy(len(bank), len(self.severities))
+        self.plan: Tensor | None = None  # (P, S) cells to probe this pass
+        self.stages: list[int] = []
+        self.seen = 0
+        self._world, self._rank = 1, 0
+
+    # ------------------------------------------------------------------------------------- a pass
+    def start_pass(self, profile: WeaknessProfile | None, world: int, rank: int, device: torch.device) -> None:
+        """Start counting afresh: plan the cells from the last ``profile`` and place the sequential stages."""
+        self.metric = ProbeAccuracy(len(self.bank), len(self.severities)).to(device)
+        self.seen = 0
+        self.plan = self.probe_plan(profile)
+        self._world, self._rank = world, rank
+        per_rank = math.ceil(self.max_samples / world)
+        stages = {math.ceil(per_rank * f) for f in self.stage_fractions} if self.sequential else set()
+        self.stages = sorted(s for s in stages if 0 < s < per_rank)
+
+    def wants(self, n: int) -> bool:
+        """Whether a batch of ``n`` samples would be probed (budget left and a plan)."""
+        return self._take(n) > 0 and self.plan is not None
+
+    def _take(self, n: int) -> int:
+        budget = math.ceil(self.max_samples / self._world) - self.seen
+        return max(min(budget, n), 0)
+
+    def probe(
+        self, inputs: Any, targets: Tensor, hits: Tensor, keep: Tensor, score: ScoreFn, value_range: RangeFn,
+        reduce_sum: ReduceFn,
+    ) -> int:
+        """Probe the leading samples of a batch that fit the budget, stopping settled cells at each stage.
+
+        ``hits`` are the clean predictions' hits, ``keep`` the samples that count. Returns the number of
+        perturbed images scored.
+        """
+        take = self._take(len(targets))
+        if take == 0 or self.plan is None:
+            return 0
+        scored, start = 0, 0
+        while start < take:
+            stop = take
+            for stage in self.stages:
+                if self.seen < stage < self.seen + (take - start):
+                    stop = start + stage - self.seen
+                    break
+            scored += self._probe_segment(inputs[start:stop], targets[start:stop], hits[start:stop],
+                                          keep[start:stop], score, value_range)
+            self.seen += stop - start
+            start = stop
+            if self.seen in self.stages:
+                self._sequential_stop(reduce_sum)
+        return scored
+
+    def finish_pass(self, reduce_sum: ReduceFn) -> Tensor:
+        """The counts of this pass summed over ranks, with the last measurement of cells not probed."""
+        counts = reduce_sum(self.metric.counts().clone()).double().cpu()
+        return self._carry_over(counts)
+
+    def after_analysis(self, profile: WeaknessProfile, previous: WeaknessProfile | None) -> None:
+        """Note which frontiers moved by more than a level since the ``previous`` profile."""
+        before = previous.frontier if previous is not None else {}
+        top = float(max(self.severities))
+        self.moved = {n for n in self.bank.names
+                      if abs((profile.frontier.get(n) or top) - (before.get(n) or top)) > 1.0}
+        self.full_next = self.memory is None
+        self.analyses += 1
+
+    # ------------------------------------------------------------------------------------- planning
+    def probe_plan(self, profile: WeaknessProfile | None) -> Tensor:
+        """Which (perturbation, severity) cells to probe: all on a full sweep, else a window of one level
+        around each perturbation's last frontier, and the whole ladder of a perturbation whose frontier moved
+        by more than a level (a deterministic function of synced state, so identical on every rank)."""
+        plan = torch.ones(len(self.bank), len(self.severities), dtype=torch.bool)
+        full = self.full_next or self.memory is None or profile is None or (
+            self.analyses % self.full_sweep_every == 0)
+        if full:
+            return plan
+        assert profile is not None
+        sev = torch.tensor(self.severities, dtype=torch.float64)
+        for p, name in enumerate(self.bank.names):
+            front = profile.frontier.get(name)
+            if name in self.moved:
+                continue
+            if front is None:  # never reached the threshold: watch the top two levels
+                plan[p] = sev >= sev[-min(2, len(sev))]
+            else:  # the level nearest the frontier, one below and one above
+                near = math.floor(front + 0.5)
+                plan[p] = (sev >= near - 1) & (sev <= near + 1)
+        return plan
+
+    def _probe_segment(
+        self, inputs: Tensor, targets: Tensor, hits: Tensor, keep: Tensor, score: ScoreFn, value_range: RangeFn,
+    ) -> int:
+        assert self.plan is not None
+        # The validation sampler shards round-robin, so local position p on rank r is dataset index p*W+r:
+        # seeding each sample by that index gives the same perturbation as in a single process.
+        positions = torch.arange(self.seen, self.seen + len(targets))
+        seeds = positions * self._world + self._rank + self.seed * 1_000_003
+        keep = keep.to(inputs.device)
+        images, labels, clean = inputs[keep], targets[keep], hits[keep]
+        seeds = seeds[keep.cpu()]
+        probe = self.metric
+        probe.update(slice(None), 0, clean.unsqueeze(0).expand(len(self.bank), -1))
+        cells = self.plan.nonzero().tolist()
+        if not len(labels) or not cells:
+            return 0
+        vr = value_range(images)
+        unit = vr.to_unit(images)
+        chunk = self.probe_batch_size or max(len(targets), 1)
+        ops = list(self.bank)
+        batch: list[Tensor] = []
+        pending: list[tuple[int, int]] = []
+        queued = scored = 0
+
+        def flush() -> None:
+            nonlocal batch, pending, queued, scored
+            if not batch:
+                return
+            preds = score(torch.cat(batch)).argmax(-1).view(len(pending), -1)
+            correct = preds == labels.unsqueeze(0).to(preds.device)
+            for (p, s), row in zip(pending, correct):
+                probe.update(p, s + 1, row, clean)
+            scored += len(pending) * len(labels)
+            batch, pending, queued = [], [], 0
+
+        for p, s in cells:
+            op: Perturbation = ops[p]
+            params = self._probe_params(op, unit.shape, self.severities[s], seeds)
+            batch.append(vr.from_unit(op.apply(unit, params)).to(inputs.dtype))
+            pending.append((p, s))
+            queued += len(labels)
+            if queued + len(labels) > chunk:
+                flush()
+        flush()
+        return scored
+
+    def _sequential_stop(self, reduce_sum: ReduceFn) -> None:
+        """Stop cells whose gap's confidence interval lies on one side of the frontier threshold (on counts
+        summed over ranks, so every rank stops the same cells)."""
+        if self.plan is None:
+            return
+        counts = reduce_sum(self.metric.counts().clone()).cpu()
+        _, low, high = paired_gap_interval(counts[:, :, 1:])
+        settled = (low > self.frontier_threshold) | (high < self.frontier_threshold)
+        self.plan = self.plan & ~(settled & (counts[1, :, 1:] > 0))
+
+    def _probe_params(self, op: Perturbation, shape: torch.Size, severity: int, seeds: Tensor) -> Params:
+        """Per-sample probe parameters, cached across epochs: the probe subset is the same every analysis."""
+        key = (op.name, severity, tuple(shape), tuple(seeds.tolist()) if not op.keyed_draws else (
+            int(seeds[0]), len(seeds)))
+        params = self._param_cache.get(key) if not op.keyed_draws else None
+        if params is None:
+            params = op.sample_params_per_sample(shape, severity, seeds)
+            size = sum(v.numel() * v.element_size() for v in params.values())
+            if not op.keyed_draws and self._param_cache_size + size <= self.param_cache_bytes:
+                self._param_cache[key] = params
+                self._param_cache_size += size
+        return params
+
+    def _carry_over(self, counts: Tensor) -> Tensor:
+        """Cells not probed this pass keep their last measurement (counts and paired gap)."""
+        if self.memory is not None and self.memory.shape == counts.shape:
+            fresh = counts[1] > 0
+            fresh[:, 0] = True
+            counts = torch.where(fresh.unsqueeze(0), counts, self.memory)
+        if bool((counts[1, :, 1:] > 0).any()):
+            self.memory = counts.clone()
+        return counts
+
+    # ------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The decision state, in the keys of the callback's checkpoint."""
+        return {
+            "analyses": self.analyses,
+            "full_next": self.full_next,
+            "moved": sorted(self.moved),
+            "memory": None if self.memory is None else self.memory.tolist(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any], analyses: int = 0) -> None:
+        """Restore :meth:`state_dict` (``analyses`` when a checkpoint predates the key); a memory of another
+        bank or ladder is dropped, so the next pass is a full sweep."""
+        self.analyses = int(state_dict.get("analyses", analyses))
+        self.full_next = bool(state_dict.get("full_next", True))
+        self.moved = set(state_dict.get("moved", []))
+        memory = state_dict.get("memory")
+        self.memory = None if memory is None else torch.tensor(memory, dtype=torch.float64)
+        if self.memory is not None and tuple(self.memory.shape[1:]) != (len(self.bank), len(self.severities) + 1):
+            self.memory, self.full_next = None, True
