@@ -143,6 +143,8 @@ class PhaseClock:
 
 
 def _wrap(clock: PhaseClock, owner: type, attr: str, phase: str) -> None:
+    if attr not in owner.__dict__:
+        raise AttributeError(f"overhead: {owner.__name__} no longer defines {attr!r}; update `instrument`")
     original = owner.__dict__[attr]
 
     @functools.wraps(original)
@@ -162,13 +164,16 @@ def _hooks(cls: type) -> list[str]:
 def instrument(clock: PhaseClock) -> dict[str, list[str]]:
     """Patch the library's classes, in this process only, so that their work is charged to a phase."""
     from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SynthesisCallback
+    from lightning_synth.callbacks._validation_hooks import LogitsTap
     from lightning_synth.data import AdaptiveSampler, SyntheticDataModule
+    from lightning_synth.engine import SynthesisEngine
     from lightning_synth.generators import ConditionalGANGenerator, ScenarioGenerator, TargetedAugmentation
 
     plan: list[tuple[type, list[str], str]] = [
-        (FailureModeCallback, [*_hooks(FailureModeCallback), "_capture"], "analyzer"),
+        (FailureModeCallback, _hooks(FailureModeCallback), "analyzer"),
+        (LogitsTap, ["_capture"], "analyzer"),
         (SynthesisCallback, _hooks(SynthesisCallback), "generation/bookkeeping"),
-        (SynthesisCallback, ["_reweight"], "generation/weighting"),
+        (SynthesisEngine, ["reweight"], "generation/weighting"),
         (SyntheticDataModule, ["real_cache"], "generation/real_cache"),
         (AdaptiveSampling, [*_hooks(AdaptiveSampling), "_capture", "_prepare_loader"], "sampling/callback"),
         (AdaptiveSampler, ["__iter__"], "sampling/draw"),
