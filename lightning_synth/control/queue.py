@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lightning_synth._validation import check_int
+from lightning_synth.control._lock import LockOwner
 from lightning_synth.control.errors import QueueFullError, SettingsError
 from lightning_synth.control.settings import SETTING_NAMES, SettingsPatch, SynthesisSettings
 from lightning_synth.profile import WeaknessProfile
@@ -108,7 +108,7 @@ def describe(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-class ChangeQueue:
+class ChangeQueue(LockOwner):
     """Applied settings and a thread-safe queue of validated changes, merged at :meth:`sync`.
 
     Args:
@@ -141,22 +141,12 @@ class ChangeQueue:
         check_int("max_pending", max_pending, 1)
         check_int("max_pending_bytes", max_pending_bytes, 1024)
         self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
-        self._lock = threading.Lock()
+        super().__init__()
         self._settings = settings.model_copy(deep=True) if settings is not None else SynthesisSettings()
         self._pending: list[_Queued] = []
         self._effective = self._settings  # applied + pending, kept up to date so a change costs one merge
         self._known: tuple[str, ...] | None = None
         self.known_generators = known_generators
-
-    def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn; the lock is per process
-        with self._lock:
-            state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     # -- reading ------------------------------------------------------------------------------------------
     @property

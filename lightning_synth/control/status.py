@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lightning_synth._validation import check_int
+from lightning_synth.control._lock import LockOwner
 from lightning_synth.control.queue import SettingsChange, now
 
 __all__ = ["STATUS_SECTIONS", "StatusBoard"]
@@ -23,7 +23,7 @@ __all__ = ["STATUS_SECTIONS", "StatusBoard"]
 STATUS_SECTIONS: tuple[str, ...] = ("profile", "pool", "sampler", "weighting")
 
 
-class StatusBoard:
+class StatusBoard(LockOwner):
     """The last published state of each part of the loop, and the last ``max_history`` settings changes.
 
     Args:
@@ -42,19 +42,9 @@ class StatusBoard:
 
     def __init__(self, max_history: int = 1000) -> None:
         check_int("max_history", max_history, 1)
-        self._lock = threading.Lock()
+        super().__init__()
         self._history: deque[SettingsChange] = deque(maxlen=max_history)
         self._sections: dict[str, dict[str, Any]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn; the lock is per process
-        with self._lock:
-            state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def publish(
         self,
