@@ -1,5 +1,6 @@
 import os
 
+import lightning as L
 import pytest
 import torch
 
@@ -27,3 +28,24 @@ def trainer_kwargs(tmp_path, **overrides):
 @pytest.fixture
 def tkw(tmp_path):
     return lambda **overrides: trainer_kwargs(tmp_path, **overrides)
+
+
+class TinyDigitsClassifier(L.LightningModule):
+    """A linear classifier of 8x8 digits: the smallest real `Trainer.fit` the control tests need."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(self.net(images), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.fixture
+def tiny_classifier():
+    """The class :class:`TinyDigitsClassifier` (call it for a fresh module)."""
+    return TinyDigitsClassifier

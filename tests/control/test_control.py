@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_synth.control.controller as controller_module
@@ -274,19 +273,6 @@ def test_builds_from_a_cli_config() -> None:
         parser.parse_object({"control": {"settings": {"synthetic_budget": -1}}})
 
 
-class _TinyClassifier(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        return nn.functional.cross_entropy(self.net(images), labels)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 class _SyncAtEpochStart(L.Callback):
     """What the datamodule's wiring does: sync at train epoch start; here also a change mid-run."""
 
@@ -302,7 +288,7 @@ class _SyncAtEpochStart(L.Callback):
             self.controller.update(synthetic_budget=8, source="callback")
 
 
-def test_changes_apply_at_the_next_epoch_in_a_real_fit(tmp_path: Any) -> None:
+def test_changes_apply_at_the_next_epoch_in_a_real_fit(tiny_classifier, tmp_path: Any) -> None:
     images, labels = load_digits_tensors()
     loader = DataLoader(TensorDataset(images[:256], labels[:256]), batch_size=64)
     controller = SynthesisController()
@@ -311,7 +297,7 @@ def test_changes_apply_at_the_next_epoch_in_a_real_fit(tmp_path: Any) -> None:
         max_epochs=3, accelerator="cpu", devices=1, callbacks=[callback], enable_progress_bar=False,
         enable_model_summary=False, logger=False, default_root_dir=tmp_path, enable_checkpointing=False,
     )
-    trainer.fit(_TinyClassifier(), loader)
+    trainer.fit(tiny_classifier(), loader)
     assert callback.budgets == [2048, 8, 8]
     event = controller.history[-1]
     assert (event.epoch, event.step, event.source) == (1, 4, "callback")
@@ -335,7 +321,7 @@ class _RankProbe(L.Callback):
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_sync_under_real_ddp(tmp_path: Any) -> None:
+def test_sync_under_real_ddp(tiny_classifier, tmp_path: Any) -> None:
     images, labels = load_digits_tensors()
     loader = DataLoader(TensorDataset(images[:128], labels[:128]), batch_size=32)
     trainer = L.Trainer(
@@ -343,7 +329,7 @@ def test_sync_under_real_ddp(tmp_path: Any) -> None:
         callbacks=[_RankProbe(SynthesisController(), str(tmp_path))], enable_progress_bar=False,
         enable_model_summary=False, logger=False, default_root_dir=tmp_path, enable_checkpointing=False,
     )
-    trainer.fit(_TinyClassifier(), loader)
+    trainer.fit(tiny_classifier(), loader)
     for epoch in (0, 1):
         rank0, rank1 = (json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text()) for r in (0, 1))
         assert rank0 == rank1

@@ -11,9 +11,7 @@ import httpx
 import lightning as L
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, settings
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_synth.control.server as server_module
@@ -209,20 +207,7 @@ class _SyncAtEpochStart(L.Callback):
         self.budgets.append(self.controller.settings.synthetic_budget)
 
 
-class _Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        return nn.functional.cross_entropy(self.net(images), labels)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def test_clients_hammering_the_api_do_not_disturb_training(tmp_path: Any) -> None:
+def test_clients_hammering_the_api_do_not_disturb_training(tiny_classifier, tmp_path: Any) -> None:
     controller = SynthesisController()
     callback, stop, codes, accepted = _SyncAtEpochStart(controller), threading.Event(), list[int](), [0]
     first_accepted = threading.Event()  # fit starts once the client is in, so epoch 1 sees a change
@@ -250,7 +235,7 @@ def test_clients_hammering_the_api_do_not_disturb_training(tmp_path: Any) -> Non
         client_thread.start()
         try:
             assert first_accepted.wait(30)
-            trainer.fit(_Tiny(), loader)
+            trainer.fit(tiny_classifier(), loader)
         finally:
             stop.set()
             client_thread.join()

@@ -25,10 +25,8 @@ from typing import Any
 import httpx
 import lightning as L
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_synth.control import ControlServer, SettingsError, SynthesisController, SynthesisSettings
@@ -83,19 +81,6 @@ def _checkpoint_written_before_the_fix() -> dict[str, Any]:
     }
 
 
-class _Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        return nn.functional.cross_entropy(self.net(images), labels)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 class _ApplyAtEpochStart(L.Callback):
     """What the synthesis loop does with the settings at each epoch start: sync, then split the budget."""
 
@@ -108,7 +93,7 @@ class _ApplyAtEpochStart(L.Callback):
 
 
 def test_a_bad_change_in_a_checkpoint_is_dropped_with_an_error_and_the_run_finishes(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_classifier, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     controller = SynthesisController(known_generators=["targeted", "scenario"])
     with caplog.at_level(logging.ERROR):
@@ -120,7 +105,7 @@ def test_a_bad_change_in_a_checkpoint_is_dropped_with_an_error_and_the_run_finis
         enable_model_summary=False, logger=False, default_root_dir=tmp_path, enable_checkpointing=False,
     )
     with caplog.at_level(logging.ERROR):
-        trainer.fit(_Tiny(), DataLoader(TensorDataset(images[:128], labels[:128]), batch_size=64))
+        trainer.fit(tiny_classifier(), DataLoader(TensorDataset(images[:128], labels[:128]), batch_size=64))
     assert trainer.current_epoch == 2
     assert callback.splits == [{"targeted": 1024, "scenario": 1024}] * 2  # the mix fell back to automatic
     rejected = [e for e in controller.history if e.status == "rejected"]
