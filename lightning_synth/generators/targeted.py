@@ -39,6 +39,9 @@ class TargetedAugmentation(SyntheticGenerator):
         class_bias: fraction of the source images drawn from weak classes (class and confusion weaknesses,
             by gap) instead of uniformly; 0 disables it, and it has no effect when the profile has none. The
             default, half, is what the robustness benchmark's ``lightning_synth`` row runs.
+        uniform_floor: fraction of the budget drawn with no targeting at all: perturbations split evenly and
+            severities uniform over ``[0.5, max severity]`` (diversity kept under the tilt; 1 is the bank at
+            random, 0 pure targeting).
         name: the generator's name in provenance and logs.
 
     Raises:
@@ -68,6 +71,7 @@ class TargetedAugmentation(SyntheticGenerator):
         min_share: float = 0.02,
         curriculum_width: float = 1.0,
         class_bias: float = 0.5,
+        uniform_floor: float = 0.0,
         name: str = "targeted",
     ) -> None:
         if perturbations is not None and not isinstance(perturbations, Sequence):
@@ -84,22 +88,39 @@ class TargetedAugmentation(SyntheticGenerator):
         _check_float("min_share", min_share, 0.0, 1.0 / len(self.bank))
         _check_float("curriculum_width", curriculum_width, 0.0, math.inf)
         _check_float("class_bias", class_bias, 0.0, 1.0)
+        _check_float("uniform_floor", uniform_floor, 0.0, 1.0)
         self.name = _check_name(name)
+        self.uniform_floor = float(uniform_floor)
         self.temperature, self.min_share = float(temperature), float(min_share)
         self.curriculum_width, self.class_bias = float(curriculum_width), float(class_bias)
 
     def shares(self, profile: WeaknessProfile) -> dict[str, float]:
         """Per perturbation of the bank, its expected share of the budget under ``profile`` (sums to 1)."""
         _check_profile(profile)
+        share = self.uniform_floor / len(self.bank) + (1.0 - self.uniform_floor) * self._tilted_shares(profile)
+        return dict(zip(self.bank.names, (share / share.sum()).tolist()))
+
+    def _tilted_shares(self, profile: WeaknessProfile) -> Tensor:
+        """The targeted part's shares (no uniform floor): tempered weakness scores with ``min_share`` each."""
         scores = profile.perturbation_scores()
         raw = torch.tensor([scores.get(n, 0.0) for n in self.bank.names], dtype=torch.float64).clamp(min=0)
         k = len(raw)
         if float(raw.sum()) <= 0:
-            return dict.fromkeys(self.bank.names, 1.0 / k)
+            return torch.full((k,), 1.0 / k, dtype=torch.float64)
         tempered = raw.pow(1.0 / self.temperature)
         tempered = tempered / tempered.sum()
         share = self.min_share + (1.0 - k * self.min_share) * tempered
-        return dict(zip(self.bank.names, (share / share.sum()).tolist()))
+        return share / share.sum()
+
+    def _split(self, profile: WeaknessProfile, budget: int, generator: torch.Generator | None
+               ) -> tuple[list[int], list[int]]:
+        """Per perturbation, how many targeted and how many uniform-floor samples of ``budget``."""
+        _check_budget(budget)
+        floor = round(self.uniform_floor * budget)
+        _check_profile(profile)
+        targeted = _allocate(self._tilted_shares(profile), budget - floor, generator)
+        uniform = _allocate(torch.ones(len(self.bank), dtype=torch.float64), floor, generator)
+        return targeted, uniform
 
     def plan(self, profile: WeaknessProfile, budget: int, generator: torch.Generator | None = None) -> dict[str, int]:
         """How many of ``budget`` samples each perturbation gets (sums to ``budget``).
@@ -108,10 +129,8 @@ class TargetedAugmentation(SyntheticGenerator):
         proportion to their fractional parts with ``generator`` (largest fractions first when ``None``).
         :meth:`generate` calls this first with ``context.generator``.
         """
-        _check_budget(budget)
-        shares = self.shares(profile)
-        counts = _allocate(torch.tensor(list(shares.values()), dtype=torch.float64), budget, generator)
-        return dict(zip(shares, counts))
+        targeted, uniform = self._split(profile, budget, generator)
+        return {name: t + u for name, t, u in zip(self.bank.names, targeted, uniform)}
 
     def centres(self, profile: WeaknessProfile) -> dict[str, float]:
         """Per perturbation, the severity the samples are centred on (see :func:`frontier_severity`)."""
@@ -121,22 +140,26 @@ class TargetedAugmentation(SyntheticGenerator):
     def generate(self, profile: WeaknessProfile, budget: int, context: GenerationContext) -> SyntheticBatch:
         """``budget`` perturbed real images aimed at ``profile`` (CPU tensors); see the module docstring."""
         _check_context(context)
-        counts = self.plan(profile, budget, context.generator)
+        targeted, uniform = self._split(profile, budget, context.generator)
         if budget == 0:
             return SyntheticBatch.empty(self.name, context.real_inputs)
         images, labels = self._sources(profile, budget, context)
         outputs: list[Tensor] = []
         keys: list[str] = []
         start = 0
-        for pert_name, count in counts.items():
+        for perturbation, n_targeted, n_uniform in zip(self.bank, targeted, uniform):
+            count = n_targeted + n_uniform
             if count == 0:
                 continue
-            perturbation = self.bank[pert_name]
-            severity = sample_severities(frontier_severity(profile, perturbation), self.curriculum_width,
-                                         perturbation.max_severity, count, context.generator)
+            top = float(perturbation.max_severity)
+            severity = torch.cat([
+                sample_severities(frontier_severity(profile, perturbation), self.curriculum_width, top,
+                                  n_targeted, context.generator),
+                _MIN_SEVERITY + torch.rand(n_uniform, generator=context.generator) * (top - _MIN_SEVERITY),
+            ])
             chunk = images[start : start + count].to(context.device)
             outputs.append(perturbation(chunk, severity, context.generator).cpu())
-            keys.extend(f"perturbation/{pert_name}@{level}" for level in severity_levels(severity, perturbation))
+            keys.extend(f"perturbation/{perturbation.name}@{level}" for level in severity_levels(severity, perturbation))
             start += count
         return SyntheticBatch(torch.cat(outputs), labels, keys, torch.ones(budget), self.name)
 

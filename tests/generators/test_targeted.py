@@ -194,3 +194,29 @@ def test_computes_on_the_device_and_returns_cpu(digits: tuple[Tensor, Tensor]) -
     gpu = gen.generate(prof, 32, gpu_context)
     assert gpu.inputs.device.type == "cpu" and gpu.weakness == cpu.weakness
     assert torch.allclose(gpu.inputs, cpu.inputs, atol=1e-3)
+
+
+def test_uniform_floor_keeps_every_perturbation_and_severity(digits: tuple[Tensor, Tensor]) -> None:
+    # All weakness on gaussian_noise at severity 5: pure targeting puts (nearly) everything there, near the top.
+    prof = WeaknessProfile(frontier=dict.fromkeys(default_bank().names, None) | {"gaussian_noise": 4.5},
+                           weaknesses=[pert("gaussian_noise", 5, 0.6)])
+    pure = TargetedAugmentation(min_share=0.0).plan(prof, 180)
+    assert pure["gaussian_noise"] == 180
+    floored = TargetedAugmentation(min_share=0.0, uniform_floor=0.5)
+    plan = floored.plan(prof, 180, torch.Generator().manual_seed(0))
+    assert sum(plan.values()) == 180 and plan["gaussian_noise"] == 90 + 10
+    assert all(plan[n] == 10 for n in default_bank().names if n != "gaussian_noise")
+    assert floored.shares(prof)["rotation"] == pytest.approx(0.5 / 9)
+    # The floor's severities span the ladder, where the targeted part sits at the frontier (4.5 +- 1).
+    batch = floored.generate(prof, 180, context(digits))
+    assert len(batch) == 180
+    others = [lv for n in default_bank().names if n != "gaussian_noise" for lv in levels(batch.weakness, n)]
+    assert len(others) == 80 and set(others) == {1, 2, 3, 4, 5}
+    assert min(levels(batch.weakness, "gaussian_noise")) <= 2
+    # uniform_floor=1 is the bank at random whatever the profile.
+    assert set(TargetedAugmentation(uniform_floor=1.0).plan(prof, 90).values()) == {10}
+
+
+def test_uniform_floor_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"`uniform_floor` must be in \[0, 1\], got 1.5"):
+        TargetedAugmentation(uniform_floor=1.5)
