@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from benchmarks.common import write_json
 from lightning_synth.callbacks.adaptive_sampling import AdaptiveSampling
 from lightning_synth.data.sampler import systematic_draw
 from lightning_synth.datasets import load_fashion_mnist
@@ -272,10 +273,7 @@ def main() -> None:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     environment = {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
                    "cpu_threads": torch.get_num_threads(), "machine": platform.machine()}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"config": config, "environment": environment, "summary": summary, "runs": runs}, indent=1)
-    )
+    write_json(args.out, {"config": config, "environment": environment, "summary": summary, "runs": runs})
     print_table(summary, args.targets)
     print(f"wrote {args.out}")
 
