@@ -15,7 +15,6 @@ machine are noisy; the in-callback share is the steadier overhead figure.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
