@@ -123,19 +123,25 @@ def lightning_synth_method(
             datamodule, generators=_generators(ctx, gan, scenarios, targeted, class_bias), seed=ctx.seed, **kwargs
         )
 
+    analyzers: dict[int, FailureModeCallback] = {}
     chains: dict[int, MixingChains] = {}
+
+    def analyzer(ctx: MethodContext) -> FailureModeCallback:
+        if ctx.seed not in analyzers:
+            groups = int(ctx.extras.get("num_groups", 64))  # the worst-group task has 100 (class, colour) groups
+            analyzers[ctx.seed] = FailureModeCallback(bank_names(ctx), max_samples=256, seed=ctx.seed,
+                                                      max_groups=groups)
+        return analyzers[ctx.seed]
 
     def make_module(ctx: MethodContext) -> Classifier:
         if not consistency:
             return ctx.classifier()
-        chains[ctx.seed] = MixingChains(bank_names(ctx), floor=floor if targeted else 1.0)
+        chains[ctx.seed] = MixingChains(bank_names(ctx), floor=floor if targeted else 1.0,
+                                        analyzer=analyzer(ctx) if targeted else None)
         return ctx.classifier(consistency=chains[ctx.seed])
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
-        groups = int(ctx.extras.get("num_groups", 64))  # the worst-group task has 100 (class, colour) groups
-        out: list[Callback] = []
-        if targeted:
-            out.append(FailureModeCallback(bank_names(ctx), max_samples=256, seed=ctx.seed, max_groups=groups))
+        out: list[Callback] = [analyzer(ctx)] if targeted else []
         out.append(AdaptiveSampling(seed=ctx.seed))
         if consistency and targeted:
             out.append(chains[ctx.seed])

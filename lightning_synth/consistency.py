@@ -6,7 +6,7 @@ with the original by a Beta weight. Operations are drawn from a distribution tha
 exponentiated update tilts towards the perturbations the latest
 :class:`~lightning_synth.profile.WeaknessProfile` finds weak, with a uniform floor so that diversity is
 kept. Added to the Trainer as a callback, it reads the profile of the
-:class:`~lightning_synth.callbacks.FailureModeCallback` at every training epoch start.
+:class:`~lightning_synth.callbacks.FailureModeCallback` it was given at every training epoch start.
 
 :func:`jsd_consistency` pulls the predictions on the views towards the prediction on the clean image
 (AugMix's Jensen-Shannon term; cross-entropy stays on the clean image). Two lines in a ``training_step``::
@@ -31,6 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_synth._validation import check_int
+from lightning_synth.callbacks.failure_mode import FailureModeCallback
 from lightning_synth.perturbations import PerturbationBank
 from lightning_synth.profile import WeaknessProfile
 
@@ -89,6 +90,12 @@ class MixingChains(Callback):
         num_views: views returned per call.
         floor: share of the operation draw kept uniform (1: untargeted).
         step: step size of the exponentiated (Group-DRO) update on the profile's gaps.
+        analyzer: the callback whose newest profile the draw follows at each training epoch start (as a
+            Trainer callback); ``None``: only :meth:`update` moves it (untargeted until then).
+
+    Raises:
+        TypeError: if ``perturbations`` is a string or ``analyzer`` is not a FailureModeCallback.
+        ValueError: if an argument is out of range.
 
     Example:
         >>> chains = MixingChains(["rotation", "gaussian_noise"], num_views=2)
@@ -112,9 +119,13 @@ class MixingChains(Callback):
         num_views: int = 2,
         floor: float = 0.5,
         step: float = 1.0,
+        analyzer: FailureModeCallback | None = None,
     ) -> None:
         if isinstance(perturbations, str):
             raise TypeError(f"`perturbations` must be a list of names, not a string: {perturbations!r}")
+        if analyzer is not None and not isinstance(analyzer, FailureModeCallback):
+            raise TypeError(f"`analyzer` must be a FailureModeCallback or None, got {type(analyzer).__name__}")
+        self.analyzer = analyzer
         self.bank = PerturbationBank(perturbations)
         if len(self.bank) == 0:
             raise ValueError("`perturbations` must name at least one perturbation, got []")
@@ -191,12 +202,10 @@ class MixingChains(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Take one update from the newest profile of a FailureModeCallback on the trainer, if any."""
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            profile = getattr(callback, "profile", None)
-            if isinstance(profile, WeaknessProfile) and profile.epoch != self.last_epoch:
-                self.update(profile)
-                return
+        """Take one update from the analyzer's newest profile, if it has a new one."""
+        profile = self.analyzer.profile if self.analyzer is not None else None
+        if profile is not None and profile.epoch != self.last_epoch:
+            self.update(profile)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def test_state_dict_round_trip():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"width": 0}, "width"), ({"floor": 1.5}, "floor"), ({"alpha": 0.0}, "alpha"),
     ({"max_severity": 9.0}, "max_severity"), ({"perturbations": "rotation"}, "string"),
-    ({"perturbations": ["nope"]}, "unregistered"),
+    ({"perturbations": ["nope"]}, "unregistered"), ({"analyzer": object()}, "`analyzer` must be a FailureModeCallback"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -93,10 +93,20 @@ class _Net(L.LightningModule):
 
 def test_fit_takes_the_failure_mode_profile(tmp_path):
     torch.manual_seed(0)
+    analyzer = FailureModeCallback(["rotation", "gaussian_noise"], max_samples=64)
+    views = MixingChains(["rotation", "gaussian_noise"], max_depth=2, analyzer=analyzer)
+    trainer = L.Trainer(max_epochs=2, callbacks=[analyzer, views], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(_Net(views), datamodule=DigitsDataModule())
+    assert views.last_epoch == 0  # epoch 1 took the profile of epoch 0's validation
+    assert not torch.allclose(views.probabilities(), torch.full((2,), 0.5))
+
+
+def test_without_an_analyzer_the_draw_stays_uniform(tmp_path):
+    # Another FailureModeCallback on the trainer is not searched for: the chains follow only the one they got.
     views = MixingChains(["rotation", "gaussian_noise"], max_depth=2)
     trainer = L.Trainer(max_epochs=2, callbacks=[FailureModeCallback(["rotation", "gaussian_noise"], max_samples=64),
                                                  views], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(_Net(views), datamodule=DigitsDataModule())
-    assert views.last_epoch is not None
-    assert not torch.allclose(views.probabilities(), torch.full((2,), 0.5))
+    assert views.last_epoch is None and torch.allclose(views.probabilities(), torch.full((2,), 0.5))
