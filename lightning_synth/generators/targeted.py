@@ -159,7 +159,8 @@ class TargetedAugmentation(SyntheticGenerator):
             ])
             chunk = images[start : start + count].to(context.device)
             outputs.append(perturbation(chunk, severity, context.generator).cpu())
-            keys.extend(f"perturbation/{perturbation.name}@{level}" for level in severity_levels(severity, perturbation))
+            levels = severity_levels(severity, perturbation)
+            keys.extend(f"perturbation/{perturbation.name}@{level}" for level in levels)
             start += count
         return SyntheticBatch(torch.cat(outputs), labels, keys, torch.ones(budget), self.name)
 
