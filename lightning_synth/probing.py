@@ -37,7 +37,7 @@ class PerturbationProber:
         max_samples: samples (over all ranks) scored under perturbations per pass.
         frontier_threshold: accuracy drop that marks a perturbation's failure frontier.
         full_sweep_every: every N-th analysis probes every severity.
-        sequential: stop probing a cell once it is settled below the frontier threshold.
+        sequential: stop probing a cell once its place relative to the frontier is settled.
         probe_batch_size: images per probe forward (default: the size of the batch being probed).
         seed: seed of the probe perturbations.
         stages: fractions of the probe budget after which settled cells stop.
@@ -218,19 +218,13 @@ class PerturbationProber:
         return scored
 
     def _sequential_stop(self, reduce_sum: ReduceFn) -> None:
-        """Stop cells whose gap's confidence interval lies entirely below the frontier threshold (on counts
-        summed over ranks, so every rank stops the same cells).
-
-        Only cells that are clearly *not* a weakness stop early. A cell clearly above the threshold is one
-        the profile ranks and the generators target, so it is measured on the whole budget: stopped on the
-        first quarter of the probe subset, such cells ranked the top weaknesses worse than a full sweep
-        (``benchmarks/analyzer_cost.py``): the early samples of a fixed subset are the same for every cell, so
-        their estimation errors are shared and do not average out over the ranking."""
+        """Stop cells whose gap's confidence interval lies on one side of the frontier threshold (on counts
+        summed over ranks, so every rank stops the same cells)."""
         if self.plan is None:
             return
         counts = reduce_sum(self.metric.counts().clone()).cpu()
-        _, _, high = paired_gap_interval(counts[:, :, 1:])
-        settled = high < self.frontier_threshold
+        _, low, high = paired_gap_interval(counts[:, :, 1:])
+        settled = (low > self.frontier_threshold) | (high < self.frontier_threshold)
         self.plan = self.plan & ~(settled & (counts[1, :, 1:] > 0))
 
     def _probe_params(self, op: Perturbation, shape: torch.Size, severity: int, seeds: Tensor) -> Params:

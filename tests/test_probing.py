@@ -56,15 +56,3 @@ def test_state_round_trips_and_a_memory_of_another_bank_is_dropped():
     old = _prober()
     old.load_state_dict({}, analyses=4)  # a checkpoint from before the key
     assert old.analyses == 4 and old.full_next
-
-
-def test_sequential_stopping_stops_only_cells_settled_below_the_threshold():
-    prober = _prober(max_samples=256)
-    prober.start_pass(None, world=1, rank=0, device=torch.device("cpu"))
-    clean = torch.ones(64, dtype=torch.bool)
-    prober.metric.update(0, 1, clean, clean)  # rotation@1: no flips, clearly below the threshold
-    prober.metric.update(0, 5, torch.zeros(64, dtype=torch.bool), clean)  # rotation@5: all flipped, clearly above
-    prober._sequential_stop(lambda t: t)
-    assert prober.plan is not None
-    assert not prober.plan[0, 0] and prober.plan[0, 4]  # the weakness keeps being measured
-    assert prober.plan[1].all()  # cells not measured yet never stop

@@ -59,9 +59,8 @@ class FailureModeCallback(Callback):
       than a level.
     - **Sequential.** The probe budget is spent in stages (a quarter, a half, all of ``max_samples``); a
       cell stops once the confidence interval of its gap (paired with the clean predictions of the same
-      samples) lies entirely below ``frontier_threshold`` (clearly not a weakness); cells above it are
-      measured on the whole budget, since their gaps rank the profile. Stage decisions use counts summed
-      over ranks, so every rank decides alike.
+      samples) lies entirely on one side of ``frontier_threshold``. Stage decisions use counts summed over
+      ranks, so every rank decides alike.
     - **Batched.** Per validation batch, every active cell's perturbed copies are concatenated and scored
       in forwards of ``probe_batch_size``; per-sample parameters come from counter-based hashing of (seed,
       sample index), drawn in one vectorised call.
@@ -90,7 +89,7 @@ class FailureModeCallback(Callback):
         pictures: write a heatmap and a frontier chart beside each profile JSON (and log them as images to
             W&B/TensorBoard); needs matplotlib (skipped with one warning without it).
         full_sweep_every: every N-th analysis probes every severity (1: always, as a full sweep).
-        sequential: stop probing a cell once it is settled below the frontier threshold.
+        sequential: stop probing a cell once its place relative to the frontier is settled.
         probe_batch_size: images per probe forward (default: the validation batch size, so probing needs
             no more memory than validation).
         ignore_index: target value that marks a sample to leave out (as in ``cross_entropy``).
