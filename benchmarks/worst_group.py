@@ -77,7 +77,7 @@ from benchmarks.common import (
     write_json,
 )
 from lightning_synth.batch import BatchView
-from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback
+from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SliceBalancedRefit
 from lightning_synth.data import SyntheticDataModule
 from lightning_synth.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from lightning_synth.generators import ConditionalGAN, ConditionalGANGenerator, ScenarioGenerator
@@ -307,13 +307,14 @@ class ColouredFashionMNISTDataModule(L.LightningDataModule):
             TintedDataset(s.grey, s.labels, s.colours, self.train_groups, self.train_indices), shuffle=True
         )
 
-    def heldout_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Shuffled batches ``(x, y, {"group": g, "colour": c})`` of the held-out split (see ``heldout_size``)."""
+    def heldout_dataloader(self, batch_size: int | None = None, shuffle: bool = True) -> DataLoader:
+        """Batches ``(x, y, {"group": g, "colour": c})`` of the held-out split (see ``heldout_size``)."""
         s = self.heldout_set
         if s is None:
             raise RuntimeError("No held-out split: build the datamodule with `heldout_size > 0` and call `setup()`.")
         dataset = TintedDataset(s.grey, s.labels, s.colours, True, with_colours=True)
-        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -410,65 +411,59 @@ def make_group_dro(step_size: float = 0.01) -> Method:
     )
 
 
-class LastLayerRetraining(Callback):
-    """DFR (Kirichenko et al. 2023) after training: refit the last linear layer on the held-out split.
+def heldout_refit(
+    dm: L.LightningDataModule, seed: int, weight_decay: float = 1e-3, gan: ConditionalGAN | None = None,
+    min_per_cell: int = 0,
+) -> SliceBalancedRefit:
+    """A :class:`SliceBalancedRefit` on the held-out split's groups (DFR's data), optionally GAN-topped-up.
 
-    Features of the network's body (everything but the last ``nn.Linear``) are standardised; a fresh linear
-    layer is fitted full-batch with Adam on cross-entropy weighted so that every group weighs the same (the
-    expectation of DFR's group-balanced subsets), plus ``weight_decay * |W|^2``; the standardisation is
-    folded back into the layer, which replaces the old one in place.
+    ``dm`` is the task's datamodule or a ``SyntheticDataModule`` around it. The GAN is conditioned on colour;
+    :func:`cells_from_data` on the held-out samples maps each group to its (class, colour) condition.
     """
-
-    def __init__(
-        self, datamodule: ColouredFashionMNISTDataModule, steps: int = 300, lr: float = 0.01,
-        weight_decay: float = 1e-3,
-    ) -> None:
-        self.datamodule, self.steps, self.lr, self.weight_decay = datamodule, steps, lr, weight_decay
-
-    @torch.enable_grad()
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        held = self.datamodule.heldout_set
+    real = getattr(dm, "datamodule", dm)
+    if not isinstance(real, ColouredFashionMNISTDataModule):
+        raise TypeError(f"The refit needs a ColouredFashionMNISTDataModule, got {type(real).__name__}")
+    table = None
+    if gan is not None:
+        real.setup("fit")
+        held = real.heldout_set
         if held is None:
-            raise RuntimeError("DFR needs the held-out split: run with `--heldout-size` > 0.")
-        net = pl_module.net
-        head = net[-1]
-        if not (isinstance(net, nn.Sequential) and isinstance(head, nn.Linear)):
-            raise TypeError("DFR needs a network whose last module is an nn.Linear")
-        device = head.weight.device
-        was_training = net.training
-        net.eval()
-        with torch.no_grad():
-            feats = torch.cat([net[:-1](x.to(device)) for x in held.images().split(1000)])
-        net.train(was_training)
-        mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
-        z = (feats - mean) / std
-        labels, groups = held.labels.to(device), held.groups.to(device)
-        counts = torch.bincount(groups, minlength=LAYOUT.num_groups).float()
-        weights = 1.0 / counts[groups]
-        weights = weights / weights.sum()
-        layer = nn.Linear(z.shape[1], head.out_features).to(device)
-        opt = torch.optim.Adam(layer.parameters(), lr=self.lr)
-        for _ in range(self.steps):
-            loss = (weights * F.cross_entropy(layer(z), labels, reduction="none")).sum()
-            loss = loss + self.weight_decay * layer.weight.pow(2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            head.weight.copy_(layer.weight / std)
-            head.bias.copy_(layer.bias - (layer.weight * (mean / std)).sum(1))
+            raise RuntimeError("The refit needs the held-out split: run with `--heldout-size` > 0.")
+        table = cells_from_data(held.groups, held.labels, held.colours, LAYOUT.num_groups)
+    return SliceBalancedRefit(lambda: real.heldout_dataloader(1000, shuffle=False), slice_key="group", gan=gan,
+                              min_per_cell=min_per_cell, slice_cells=table, weight_decay=weight_decay, seed=seed)
 
 
-def make_dfr(steps: int = 300, weight_decay: float = 1e-3) -> Method:
+def make_dfr(weight_decay: float = 1e-3) -> Method:
     """DFR: ERM, then the last layer retrained group-balanced on the held-out split (its group labels)."""
 
     def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
-        if not isinstance(dm, ColouredFashionMNISTDataModule):
-            raise TypeError(f"DFR needs a ColouredFashionMNISTDataModule, got {type(dm).__name__}")
-        return [LastLayerRetraining(dm, steps=steps, weight_decay=weight_decay)]
+        return [heldout_refit(dm, ctx.seed, weight_decay)]
 
     return Method("dfr", (TASK,), make_callbacks=callbacks,
                   description=f"DFR: ERM, last layer refit group-balanced on the held-out split (wd {weight_decay})")
+
+
+def make_dfr_gan(
+    gan_steps: int = 300, gan_width: int = 16, min_per_cell: int = 40, weight_decay: float = 1e-3,
+) -> Method:
+    """DFR with the held-out cells topped up by the colour-conditioned GAN (fitted on the held-out split)."""
+    gans: dict[Path, ConditionalGAN] = {}
+
+    def wrap(dm: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
+        if not isinstance(dm, ColouredFashionMNISTDataModule):
+            raise TypeError(f"dfr_gan needs a ColouredFashionMNISTDataModule, got {type(dm).__name__}")
+        gans[ctx.root_dir], seconds = make_slice_gan(dm, ctx.seed, gan_steps, gan_width, ctx.root_dir / "gan",
+                                                     _gan_accelerator(ctx), slice_key="colour")
+        ctx.info.update(gan_steps=gan_steps, gan_seconds=seconds)
+        L.seed_everything(ctx.seed, workers=True, verbose=False)  # the classifier and its batches as ERM's
+        return dm
+
+    def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
+        return [heldout_refit(dm, ctx.seed, weight_decay, gans.pop(ctx.root_dir), min_per_cell)]
+
+    return Method("dfr_gan", (TASK,), make_callbacks=callbacks, wrap_datamodule=wrap,
+                  description=f"DFR with GAN samples topping every held-out group up to {min_per_cell}")
 
 
 class UniformRecolour(SyntheticGenerator):
@@ -494,9 +489,11 @@ class UniformRecolour(SyntheticGenerator):
 def synthetic_method(
     name: str, make_generators: Callable[[L.LightningDataModule, MethodContext], list[SyntheticGenerator]],
     share: float = 0.5, description: str = "",
+    make_refit: Callable[[L.LightningDataModule, MethodContext], Callback] | None = None,
 ) -> Method:
     """A lightning_synth run on this task: ``share * train_size`` synthetic samples per refresh (pool twice
-    that), the analyzer on validation (its group slices), adaptive sampling; only the generators differ."""
+    that), the analyzer on validation (its group slices), adaptive sampling; only the generators differ.
+    ``make_refit``: an end-of-fit callback (a :class:`SliceBalancedRefit`) built from the datamodule."""
 
     def wrap(dm: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
         generators = make_generators(dm, ctx)
@@ -507,8 +504,9 @@ def synthetic_method(
         )
 
     def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
+        refit = [make_refit(dm, ctx)] if make_refit is not None else []
         return [FailureModeCallback(max_samples=256, seed=ctx.seed, max_groups=LAYOUT.num_groups),
-                AdaptiveSampling(seed=ctx.seed)]
+                AdaptiveSampling(seed=ctx.seed), *refit]
 
     return Method(name, (TASK,), make_callbacks=callbacks, wrap_datamodule=wrap, description=description or name)
 
@@ -533,22 +531,31 @@ def make_slice_gan(
     return gan.cpu().eval(), time.perf_counter() - start
 
 
+def _gan_accelerator(ctx: MethodContext) -> str:
+    return "cpu" if ctx.accelerator == "auto" else ctx.accelerator
+
+
 def make_lightning_synth(
     gan_steps: int = 300, gan_width: int = 16, min_quality: float = 0.0, class_check: str = "auxiliary",
-    share: float = 0.5, gan_slice: str = "group",
+    share: float = 0.5, gan_slice: str = "group", refit_min_per_cell: int | None = None,
+    refit_weight_decay: float = 1e-3, name: str = "lightning_synth",
 ) -> Method:
     """The headline: slices from the validation group labels, a slice-conditioned GAN, no user function.
 
     ``gan_slice="colour"``: the GAN is conditioned on the held-out batches' colour attribute; the weak
     groups the analyzer reports are mapped to (class, colour) cells by :func:`cells_from_data` on the
-    held-out samples (which carry both attributes).
+    held-out samples (which carry both attributes). ``refit_min_per_cell``: ``None``, no refit; else a
+    :class:`SliceBalancedRefit` on the held-out groups at the end, the GAN topping each group up to that
+    many samples (0: real samples only; needs ``gan_slice="colour"``).
     """
+    gans: dict[Path, ConditionalGAN] = {}
 
     def generators(dm: L.LightningDataModule, ctx: MethodContext) -> list[SyntheticGenerator]:
         if not isinstance(dm, ColouredFashionMNISTDataModule):
             raise TypeError(f"lightning_synth needs a ColouredFashionMNISTDataModule, got {type(dm).__name__}")
         gan, seconds = make_slice_gan(dm, ctx.seed, gan_steps, gan_width, ctx.root_dir / "gan",
-                                      "cpu" if ctx.accelerator == "auto" else ctx.accelerator, slice_key=gan_slice)
+                                      _gan_accelerator(ctx), slice_key=gan_slice)
+        gans[ctx.root_dir] = gan
         ctx.info.update(gan_steps=gan_steps, gan_seconds=seconds)
         L.seed_everything(ctx.seed, workers=True, verbose=False)  # the classifier starts like ERM's
         held = dm.heldout_set
@@ -557,11 +564,23 @@ def make_lightning_synth(
             "group": cells_from_data(held.groups, held.labels, held.colours, LAYOUT.num_groups)}
         return [ConditionalGANGenerator(gan, min_quality=min_quality, class_check=class_check, slice_cells=cells)]
 
+    def refit(dm: L.LightningDataModule, ctx: MethodContext) -> Callback:
+        gan = gans.pop(ctx.root_dir)
+        assert refit_min_per_cell is not None
+        if refit_min_per_cell == 0:
+            return heldout_refit(dm, ctx.seed, refit_weight_decay)
+        if gan.slice_key != "colour":
+            raise ValueError("The refit's GAN top-up needs the colour-conditioned GAN (`gan_slice='colour'`)")
+        return heldout_refit(dm, ctx.seed, refit_weight_decay, gan, refit_min_per_cell)
+
+    tail = "" if refit_min_per_cell is None else (
+        "; last layer refit group-balanced on the held-out split"
+        + (f", GAN top-up to {refit_min_per_cell} per group" if refit_min_per_cell else " (no GAN samples)"))
     return synthetic_method(
-        "lightning_synth", generators, share,
+        name, generators, share,
         f"GAN conditioned on class and {gan_slice} ({gan_steps} steps on the held-out split), slices from "
-        f"validation groups, "
-        f"no user function; class check {class_check}, min quality {min_quality}",
+        f"validation groups, no user function; class check {class_check}, min quality {min_quality}{tail}",
+        make_refit=None if refit_min_per_cell is None else refit,
     )
 
 
@@ -649,6 +668,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gan-class-check", default="auxiliary", choices=("auxiliary", "task", "none"))
     parser.add_argument("--gan-slice", default="colour", choices=("group", "colour"),
                         help="the held-out attribute the GAN is conditioned on besides the class")
+    parser.add_argument("--refit-min-per-cell", type=int, default=40,
+                        help="lightning_synth's end-of-fit refit: GAN samples top each held-out group up to this "
+                             "many (0: real samples only, -1: no refit)")
     parser.add_argument("--synthetic-share", type=float, default=0.5,
                         help="synthetic samples per refresh, as a share of the real training set")
     args = parser.parse_args(argv)
@@ -749,6 +771,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     quiet_lightning()
     share = args.synthetic_share
+    refit = None if args.refit_min_per_cell < 0 else args.refit_min_per_cell
     overrides = {
         "jtt": make_jtt(args.jtt_epochs, args.jtt_upweight),
         "group_dro": make_group_dro(args.dro_step_size),
@@ -757,7 +780,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ls_user_scenario": make_user_scenario(share),
         # The plugins' generic `lightning_synth` is replaced here by the worst-group headline (the GAN).
         "lightning_synth": make_lightning_synth(args.gan_steps, args.gan_width, args.gan_min_quality,
-                                                args.gan_class_check, share, args.gan_slice),
+                                                args.gan_class_check, share, args.gan_slice, refit,
+                                                args.dfr_weight_decay),
+        "ls_refit_no_gan": make_lightning_synth(args.gan_steps, args.gan_width, args.gan_min_quality,
+                                                args.gan_class_check, share, args.gan_slice, 0,
+                                                args.dfr_weight_decay, name="ls_refit_no_gan"),
+        "ls_no_refit": make_lightning_synth(args.gan_steps, args.gan_width, args.gan_min_quality,
+                                            args.gan_class_check, share, args.gan_slice, None, name="ls_no_refit"),
+        "dfr_gan": make_dfr_gan(args.gan_steps, args.gan_width, max(args.refit_min_per_cell, 1),
+                                args.dfr_weight_decay),
     }
     methods = resolve_methods(args.methods or list(DEFAULT_METHODS), TASK, overrides)
     reference = make_datamodule(args)
