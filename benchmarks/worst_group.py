@@ -411,59 +411,39 @@ def make_group_dro(step_size: float = 0.01) -> Method:
     )
 
 
-def heldout_refit(
-    dm: L.LightningDataModule, seed: int, weight_decay: float = 1e-3, gan: ConditionalGAN | None = None,
-    min_per_cell: int = 0,
-) -> SliceBalancedRefit:
-    """A :class:`SliceBalancedRefit` on the held-out split's groups (DFR's data), optionally GAN-topped-up.
-
-    ``dm`` is the task's datamodule or a ``SyntheticDataModule`` around it. The GAN is conditioned on colour;
-    :func:`cells_from_data` on the held-out samples maps each group to its (class, colour) condition.
-    """
+def heldout_refit(dm: L.LightningDataModule, weight_decay: float = 1e-3) -> SliceBalancedRefit:
+    """A :class:`SliceBalancedRefit` on the held-out split's groups (DFR's data); ``dm`` is the task's
+    datamodule or a ``SyntheticDataModule`` around it."""
     real = getattr(dm, "datamodule", dm)
     if not isinstance(real, ColouredFashionMNISTDataModule):
         raise TypeError(f"The refit needs a ColouredFashionMNISTDataModule, got {type(real).__name__}")
-    table = None
-    if gan is not None:
-        real.setup("fit")
-        held = real.heldout_set
-        if held is None:
-            raise RuntimeError("The refit needs the held-out split: run with `--heldout-size` > 0.")
-        table = cells_from_data(held.groups, held.labels, held.colours, LAYOUT.num_groups)
-    return SliceBalancedRefit(lambda: real.heldout_dataloader(1000, shuffle=False), slice_key="group", gan=gan,
-                              min_per_cell=min_per_cell, slice_cells=table, weight_decay=weight_decay, seed=seed)
+    if real.heldout_size == 0:
+        raise ValueError("The refit needs the held-out split: run with `--heldout-size` > 0.")
+    return SliceBalancedRefit(lambda: real.heldout_dataloader(1000, shuffle=False), slice_key="group",
+                              weight_decay=weight_decay)
+
+
+class BeforeRefit(Callback):
+    """Records the model's group accuracies (test and validation) at the end of fit, before a later callback
+    refits its last layer: the same run, without the refit, for the ablation row ``<method>_before_refit``."""
+
+    def __init__(self, datamodule: ColouredFashionMNISTDataModule, info: dict[str, Any]) -> None:
+        self.datamodule, self.info = datamodule, info
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        test, val = self.datamodule.test_set, self.datamodule.val_set
+        assert isinstance(pl_module, Classifier) and test is not None and val is not None
+        self.info["before_refit"] = {**group_accuracy(pl_module, test), "val": group_accuracy(pl_module, val)}
 
 
 def make_dfr(weight_decay: float = 1e-3) -> Method:
     """DFR: ERM, then the last layer retrained group-balanced on the held-out split (its group labels)."""
 
     def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
-        return [heldout_refit(dm, ctx.seed, weight_decay)]
+        return [heldout_refit(dm, weight_decay)]
 
     return Method("dfr", (TASK,), make_callbacks=callbacks,
                   description=f"DFR: ERM, last layer refit group-balanced on the held-out split (wd {weight_decay})")
-
-
-def make_dfr_gan(
-    gan_steps: int = 300, gan_width: int = 16, min_per_cell: int = 40, weight_decay: float = 1e-3,
-) -> Method:
-    """DFR with the held-out cells topped up by the colour-conditioned GAN (fitted on the held-out split)."""
-    gans: dict[Path, ConditionalGAN] = {}
-
-    def wrap(dm: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
-        if not isinstance(dm, ColouredFashionMNISTDataModule):
-            raise TypeError(f"dfr_gan needs a ColouredFashionMNISTDataModule, got {type(dm).__name__}")
-        gans[ctx.root_dir], seconds = make_slice_gan(dm, ctx.seed, gan_steps, gan_width, ctx.root_dir / "gan",
-                                                     _gan_accelerator(ctx), slice_key="colour")
-        ctx.info.update(gan_steps=gan_steps, gan_seconds=seconds)
-        L.seed_everything(ctx.seed, workers=True, verbose=False)  # the classifier and its batches as ERM's
-        return dm
-
-    def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
-        return [heldout_refit(dm, ctx.seed, weight_decay, gans.pop(ctx.root_dir), min_per_cell)]
-
-    return Method("dfr_gan", (TASK,), make_callbacks=callbacks, wrap_datamodule=wrap,
-                  description=f"DFR with GAN samples topping every held-out group up to {min_per_cell}")
 
 
 class UniformRecolour(SyntheticGenerator):
@@ -489,11 +469,11 @@ class UniformRecolour(SyntheticGenerator):
 def synthetic_method(
     name: str, make_generators: Callable[[L.LightningDataModule, MethodContext], list[SyntheticGenerator]],
     share: float = 0.5, description: str = "",
-    make_refit: Callable[[L.LightningDataModule, MethodContext], Callback] | None = None,
+    make_end_callbacks: Callable[[L.LightningDataModule, MethodContext], list[Callback]] | None = None,
 ) -> Method:
     """A lightning_synth run on this task: ``share * train_size`` synthetic samples per refresh (pool twice
     that), the analyzer on validation (its group slices), adaptive sampling; only the generators differ.
-    ``make_refit``: an end-of-fit callback (a :class:`SliceBalancedRefit`) built from the datamodule."""
+    ``make_end_callbacks``: more callbacks, after the others (e.g. a :class:`SliceBalancedRefit`)."""
 
     def wrap(dm: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
         generators = make_generators(dm, ctx)
@@ -504,9 +484,9 @@ def synthetic_method(
         )
 
     def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
-        refit = [make_refit(dm, ctx)] if make_refit is not None else []
+        end = make_end_callbacks(dm, ctx) if make_end_callbacks is not None else []
         return [FailureModeCallback(max_samples=256, seed=ctx.seed, max_groups=LAYOUT.num_groups),
-                AdaptiveSampling(seed=ctx.seed), *refit]
+                AdaptiveSampling(seed=ctx.seed), *end]
 
     return Method(name, (TASK,), make_callbacks=callbacks, wrap_datamodule=wrap, description=description or name)
 
@@ -531,31 +511,24 @@ def make_slice_gan(
     return gan.cpu().eval(), time.perf_counter() - start
 
 
-def _gan_accelerator(ctx: MethodContext) -> str:
-    return "cpu" if ctx.accelerator == "auto" else ctx.accelerator
-
-
 def make_lightning_synth(
     gan_steps: int = 300, gan_width: int = 16, min_quality: float = 0.0, class_check: str = "auxiliary",
-    share: float = 0.5, gan_slice: str = "group", refit_min_per_cell: int | None = None,
-    refit_weight_decay: float = 1e-3, name: str = "lightning_synth",
+    share: float = 0.5, gan_slice: str = "group", refit: bool = True, refit_weight_decay: float = 1e-3,
 ) -> Method:
     """The headline: slices from the validation group labels, a slice-conditioned GAN, no user function.
 
     ``gan_slice="colour"``: the GAN is conditioned on the held-out batches' colour attribute; the weak
     groups the analyzer reports are mapped to (class, colour) cells by :func:`cells_from_data` on the
-    held-out samples (which carry both attributes). ``refit_min_per_cell``: ``None``, no refit; else a
-    :class:`SliceBalancedRefit` on the held-out groups at the end, the GAN topping each group up to that
-    many samples (0: real samples only; needs ``gan_slice="colour"``).
+    held-out samples (which carry both attributes). ``refit``: at the end, a :class:`SliceBalancedRefit` of
+    the last layer on the held-out groups (DFR's refit, on the features the GAN's samples shaped); the
+    accuracies just before it are recorded too (:class:`BeforeRefit`).
     """
-    gans: dict[Path, ConditionalGAN] = {}
 
     def generators(dm: L.LightningDataModule, ctx: MethodContext) -> list[SyntheticGenerator]:
         if not isinstance(dm, ColouredFashionMNISTDataModule):
             raise TypeError(f"lightning_synth needs a ColouredFashionMNISTDataModule, got {type(dm).__name__}")
         gan, seconds = make_slice_gan(dm, ctx.seed, gan_steps, gan_width, ctx.root_dir / "gan",
-                                      _gan_accelerator(ctx), slice_key=gan_slice)
-        gans[ctx.root_dir] = gan
+                                      "cpu" if ctx.accelerator == "auto" else ctx.accelerator, slice_key=gan_slice)
         ctx.info.update(gan_steps=gan_steps, gan_seconds=seconds)
         L.seed_everything(ctx.seed, workers=True, verbose=False)  # the classifier starts like ERM's
         held = dm.heldout_set
@@ -564,23 +537,17 @@ def make_lightning_synth(
             "group": cells_from_data(held.groups, held.labels, held.colours, LAYOUT.num_groups)}
         return [ConditionalGANGenerator(gan, min_quality=min_quality, class_check=class_check, slice_cells=cells)]
 
-    def refit(dm: L.LightningDataModule, ctx: MethodContext) -> Callback:
-        gan = gans.pop(ctx.root_dir)
-        assert refit_min_per_cell is not None
-        if refit_min_per_cell == 0:
-            return heldout_refit(dm, ctx.seed, refit_weight_decay)
-        if gan.slice_key != "colour":
-            raise ValueError("The refit's GAN top-up needs the colour-conditioned GAN (`gan_slice='colour'`)")
-        return heldout_refit(dm, ctx.seed, refit_weight_decay, gan, refit_min_per_cell)
+    def make_refit(dm: L.LightningDataModule, ctx: MethodContext) -> list[Callback]:
+        real = getattr(dm, "datamodule", dm)
+        assert isinstance(real, ColouredFashionMNISTDataModule)
+        return [BeforeRefit(real, ctx.info), heldout_refit(dm, refit_weight_decay)]
 
-    tail = "" if refit_min_per_cell is None else (
-        "; last layer refit group-balanced on the held-out split"
-        + (f", GAN top-up to {refit_min_per_cell} per group" if refit_min_per_cell else " (no GAN samples)"))
+    tail = "; last layer refit group-balanced on the held-out split" if refit else ""
     return synthetic_method(
-        name, generators, share,
+        "lightning_synth", generators, share,
         f"GAN conditioned on class and {gan_slice} ({gan_steps} steps on the held-out split), slices from "
         f"validation groups, no user function; class check {class_check}, min quality {min_quality}{tail}",
-        make_refit=None if refit_min_per_cell is None else refit,
+        make_end_callbacks=make_refit if refit else None,
     )
 
 
@@ -604,6 +571,7 @@ register_method(make_user_scenario())
 DEFAULT_METHODS = ("erm", "jtt", "dfr", "group_dro", "recolour_uniform", "ls_user_scenario", "lightning_synth")
 PAIRS = (
     ("lightning_synth", "jtt"), ("lightning_synth", "dfr"), ("lightning_synth", "erm"),
+    ("lightning_synth", "lightning_synth_before_refit"), ("lightning_synth_before_refit", "erm"),
     ("ls_user_scenario", "recolour_uniform"), ("lightning_synth", "ls_user_scenario"),
 )
 
@@ -668,9 +636,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gan-class-check", default="auxiliary", choices=("auxiliary", "task", "none"))
     parser.add_argument("--gan-slice", default="colour", choices=("group", "colour"),
                         help="the held-out attribute the GAN is conditioned on besides the class")
-    parser.add_argument("--refit-min-per-cell", type=int, default=40,
-                        help="lightning_synth's end-of-fit refit: GAN samples top each held-out group up to this "
-                             "many (0: real samples only, -1: no refit)")
+    parser.add_argument("--no-refit", action="store_true",
+                        help="lightning_synth without its end-of-fit slice-balanced refit of the last layer")
     parser.add_argument("--synthetic-share", type=float, default=0.5,
                         help="synthetic samples per refresh, as a share of the real training set")
     args = parser.parse_args(argv)
@@ -742,6 +709,18 @@ def paired_differences(
     return out
 
 
+def add_before_refit_rows(runs: dict[str, dict[int, dict[str, Any]]]) -> None:
+    """For each method whose runs recorded ``info["before_refit"]`` (:class:`BeforeRefit`), a row
+    ``<method>_before_refit``: the same runs' accuracies just before the end-of-fit refit (same times)."""
+    for name, per_seed in list(runs.items()):
+        if per_seed and all("before_refit" in r["info"] for r in per_seed.values()):
+            runs[f"{name}_before_refit"] = {
+                seed: {**r["info"]["before_refit"], "train_seconds": r["train_seconds"],
+                       "train_cpu_seconds": r["train_cpu_seconds"], "info": {"same_run_as": name}}
+                for seed, r in per_seed.items()
+            }
+
+
 def plot(path: Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
     plt = pyplot()
     methods = list(summary)
@@ -771,7 +750,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     quiet_lightning()
     share = args.synthetic_share
-    refit = None if args.refit_min_per_cell < 0 else args.refit_min_per_cell
     overrides = {
         "jtt": make_jtt(args.jtt_epochs, args.jtt_upweight),
         "group_dro": make_group_dro(args.dro_step_size),
@@ -780,15 +758,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ls_user_scenario": make_user_scenario(share),
         # The plugins' generic `lightning_synth` is replaced here by the worst-group headline (the GAN).
         "lightning_synth": make_lightning_synth(args.gan_steps, args.gan_width, args.gan_min_quality,
-                                                args.gan_class_check, share, args.gan_slice, refit,
+                                                args.gan_class_check, share, args.gan_slice, not args.no_refit,
                                                 args.dfr_weight_decay),
-        "ls_refit_no_gan": make_lightning_synth(args.gan_steps, args.gan_width, args.gan_min_quality,
-                                                args.gan_class_check, share, args.gan_slice, 0,
-                                                args.dfr_weight_decay, name="ls_refit_no_gan"),
-        "ls_no_refit": make_lightning_synth(args.gan_steps, args.gan_width, args.gan_min_quality,
-                                            args.gan_class_check, share, args.gan_slice, None, name="ls_no_refit"),
-        "dfr_gan": make_dfr_gan(args.gan_steps, args.gan_width, max(args.refit_min_per_cell, 1),
-                                args.dfr_weight_decay),
     }
     methods = resolve_methods(args.methods or list(DEFAULT_METHODS), TASK, overrides)
     reference = make_datamodule(args)
@@ -813,6 +784,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 )
                 if args.export_dir is not None and seed == args.seeds[0]:
                     export_torchscript(model, args.export_dir / f"{method.name}.pt")
+    add_before_refit_rows(runs)
     summary = {
         name: {
             key: summarize([r[key] for r in per_seed.values()])
