@@ -8,6 +8,10 @@ same must lift the worst cells.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -139,3 +143,13 @@ def test_state_dict_round_trip_and_missing_slice_message(tkw) -> None:
     no_slices = SliceBalancedRefit(DataLoader(TensorDataset(x, y), batch_size=100), steps=5)
     with pytest.raises(KeyError, match="no slice 'group'"):
         train(tkw, data, [no_slices])
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_ranks_end_with_the_same_refitted_layer(tmp_path) -> None:
+    script = Path(__file__).with_name("ddp_slice_refit_script.py")
+    subprocess.run([sys.executable, str(script), str(tmp_path), "2", "ddp"], check=True, timeout=300)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0["body"], rank1["body"])
+    assert torch.equal(rank0["head"], rank1["head"])
