@@ -18,7 +18,7 @@ Methods (same network, optimizer, batch size and optimizer steps as in :mod:`ben
   training set with its misclassified points repeated ``--jtt-upweight`` times; the identification run is
   extra cost (``extra s``);
 - ``dfr`` (Deep Feature Reweighting, Kirichenko et al. 2023): ERM, then the last layer refit on the held-out
-  split with every group weighted equally;
+  split with every group weighted equally (:class:`~lightning_synth.callbacks.SliceBalancedRefit`);
 - ``group_dro`` (Sagawa et al. 2020): online exponentiated-gradient weights over *training* groups (an upper
   reference, not a fair competitor);
 - ``recolour_uniform``: lightning_synth's loop with the user's re-colouring applied to random real samples
@@ -27,7 +27,8 @@ Methods (same network, optimizer, batch size and optimizer steps as in :mod:`ben
   re-colouring scenario;
 - ``lightning_synth`` (headline): the analyzer's weak validation groups realised by a class- and
   group-conditioned :class:`~lightning_synth.generators.ConditionalGAN` fitted on the held-out split (its
-  time is ``extra s``); no user function.
+  time is ``extra s``), then DFR's refit of the last layer on the held-out groups (``--no-refit``: none); no
+  user function. Its accuracies just before the refit are the row ``lightning_synth_before_refit``.
 
 Reports average and worst-group test accuracy, and the mean of the worst 10% of groups (mean ± std over
 seeds: with 100 small groups the single worst one is often 0 for every method), the same on validation, and
