@@ -1,5 +1,6 @@
 # python -m benchmarks.overhead
-# (from the repository root; ~8 min on 2 busy shared cores, ~5 min idle; e.g. --configs plain full full_gan)
+# (from the repository root; ~10 min on 2 busy shared cores with the default 4 repeats; e.g. --configs plain full
+# full_gan; --train-size 10000 --name overhead_10k for the scaling runs)
 """What the full system costs: ``Trainer.fit`` wall time and peak memory vs plain Lightning, on the same steps.
 
 Fashion-MNIST, :class:`~lightning_synth.demos.ImageClassifier` (``arch="cnn"``), CPU, ``max_steps`` =
@@ -32,10 +33,12 @@ charged to sampling). Not timed: the per-item cost of the mixed real+synthetic d
 it lands in ``other`` = (full - plain) - phases, together with the run-to-run noise of a shared machine.
 
 Repeats are interleaved, alternating the order (ABBA...) so drift hits every configuration alike; reported:
-median wall / CPU seconds, ratio of medians to ``plain``, median of the per-repeat (paired) ratios, peak RSS
-and the phase medians. ``--threads 1`` (default): on a small shared CPU one thread is faster and steadier
-than torch's default; ``--threads 0`` for torch's own choice. Writes ``<results-dir>/overhead.json`` and
-``overhead.png`` (phase split and memory) and prints a table.
+median wall / CPU seconds, ratio of medians to ``plain``, the per-repeat (paired) ratios with their median,
+minimum and maximum (on a shared machine the spread of the paired ratios, not one run, says whether a target
+is met), peak RSS and the phase medians. ``--threads 1`` (default): on a small shared CPU one thread is
+faster and steadier than torch's default; ``--threads 0`` for torch's own choice. Writes
+``<results-dir>/overhead.json`` and ``overhead.png`` (phase split and memory) and prints a table; ``--name``
+changes the file names (the training-set-size runs write ``overhead_10k`` and ``overhead_55k``).
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=20000, help="real training samples")
     parser.add_argument("--val-size", type=int, default=2000, help="validation samples")
     parser.add_argument("--epochs", type=int, default=2, help="budget in epochs of the real training set")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of every configuration")
+    parser.add_argument("--repeats", type=int, default=4, help="timed runs of every configuration")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--configs", nargs="+", default=["plain", "full"], choices=list(CONFIGS),
                         help="configurations to run (plain is always run: it is the baseline)")
@@ -91,6 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="torch CPU threads (0: torch's default); 1 is faster and steadier on a shared box")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default="overhead", help="results file names: <name>.json and <name>.png")
     parser.add_argument("--worker", choices=list(CONFIGS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -104,6 +108,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"`{flag}` must be >= 1, got {value}")
     if len(set(args.configs)) != len(args.configs):
         raise ValueError(f"`--configs` must not repeat a name, got {args.configs}")
+    if not args.name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"`--name` must be letters, digits, '_' or '-', got {args.name!r}")
     if args.threads < 0:
         raise ValueError(f"`--threads` must be >= 0, got {args.threads}")
     if (args.worker is None) != (args.worker_out is None):
@@ -375,6 +381,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             paired = [v / b[key] for v, b in zip(values, base, strict=True)]
             entry[key] = {"values": values, "median": median, "ratio_of_medians": median / med[key],
                           "paired_ratios": paired, "median_paired_ratio": statistics.median(paired),
+                          "min_paired_ratio": min(paired), "max_paired_ratio": max(paired),
                           "added": median - med[key]}
         fit_added = _median([_fit_added(r) for r in results])
         entry["fit_rss_added_mib"] = {
@@ -408,14 +415,18 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         wall, cpu, rss = r["fit_wall_s"], r["fit_cpu_s"], r["peak_rss_mib"]
         added = r["fit_rss_added_mib"]["median"]
         rows.append([
-            config, f"{wall['median']:.1f}", f"{wall['ratio_of_medians']:.2f}x", f"{wall['median_paired_ratio']:.2f}x",
-            f"{cpu['ratio_of_medians']:.2f}x", *(f"{r['phases_s'][p]:.1f}" for p in PHASES),
-            f"{r['other_s']:+.1f}", f"{rss['median']:.0f}", f"{rss['ratio_of_medians']:.2f}x",
-            "-" if added is None else f"{added:.0f}",
+            config, f"{wall['median']:.1f}", f"{wall['ratio_of_medians']:.2f}x", _paired(wall), _paired(cpu),
+            *(f"{r['phases_s'][p]:.1f}" for p in PHASES), f"{r['other_s']:+.1f}", f"{rss['median']:.0f}",
+            f"{rss['ratio_of_medians']:.2f}x", _paired(rss), "-" if added is None else f"{added:.0f}",
         ])
-    headers = ["config", "fit s", "wall ratio", "paired", "cpu ratio", "analyzer s", "generation s", "sampling s",
-               "other s", "peak RSS MiB", "RSS ratio", "fit +RSS MiB"]
+    headers = ["config", "fit s", "wall ratio", "paired wall [min-max]", "paired cpu [min-max]", "analyzer s",
+               "generation s", "sampling s", "other s", "peak RSS MiB", "RSS ratio", "paired RSS [min-max]",
+               "fit +RSS MiB"]
     return format_table(headers, rows)
+
+
+def _paired(stat: dict[str, Any]) -> str:
+    return f"{stat['median_paired_ratio']:.2f}x [{stat['min_paired_ratio']:.2f}-{stat['max_paired_ratio']:.2f}]"
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
@@ -496,10 +507,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "configs": {c: CONFIGS[c] for c in args.configs}, "phases": list(PHASES)},
         "results": results,
     }
-    path = write_json(args.results_dir / "overhead.json", payload)
+    path = write_json(args.results_dir / f"{args.name}.json", payload)
     title = (f"lightning_synth overhead: Fashion-MNIST CNN, {steps} steps, {args.val_size} val, "
              f"threads={args.threads or 'default'}, repeats={args.repeats}")
-    png = plot(results, args.results_dir / "overhead.png", title)
+    png = plot(results, args.results_dir / f"{args.name}.png", title)
     print(f"\nwrote {path}\nwrote {png}")
     return payload
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from lightning_synth._validation import check_int, check_number
 from lightning_synth.control import SynthesisController, SynthesisSettings
-from lightning_synth.data.pool import SyntheticPool
+from lightning_synth.data.pool import StorageDtype, SyntheticPool
 from lightning_synth.data.sampler import AdaptiveSampler
 from lightning_synth.data.weighting import SyntheticWeighting, allocate_budget
 from lightning_synth.engine.comm import Comm
@@ -99,6 +99,10 @@ class SynthesisEngine:
         sampler_uniform_mix: share of sampler mass spread uniformly.
         seed: seed of the real cache, the generation calls and eviction.
         chunk_size: most samples one generation call makes (bounds memory whatever the budget).
+        pool_storage_dtype: how the pool keeps its pixels in RAM: ``"uint8"`` (default: [0, 1] quantised to
+            256 levels, a quarter of float32's memory; the resolution of 8-bit images), ``"float16"`` or
+            ``"float32"`` (exact). Items are returned as float32 either way; ``max_pool_bytes`` counts the
+            stored bytes.
 
     Raises:
         TypeError: if a generator is not a ``SyntheticGenerator`` or a number has the wrong type.
@@ -132,6 +136,7 @@ class SynthesisEngine:
         sampler_uniform_mix: float = 0.2,
         seed: int = 0,
         chunk_size: int = 2048,
+        pool_storage_dtype: StorageDtype = "uint8",
     ) -> None:
         self.generators = list(_default_generators() if generators is None else generators)
         for g in self.generators:
@@ -149,11 +154,14 @@ class SynthesisEngine:
         check_int("real_cache_size", real_cache_size, 1)
         check_int("seed", seed, 0)
         check_int("chunk_size", chunk_size, 1)
+        if pool_storage_dtype not in get_args(StorageDtype):
+            raise ValueError(f"`pool_storage_dtype` must be one of {get_args(StorageDtype)}, "
+                             f"got {pool_storage_dtype!r}")
         check_number("min_generator_share", min_generator_share, low=0.0, high=1.0 / max(len(names), 1))
         self.synthetic_budget = synthetic_budget
         self.max_pool_samples = max_pool_samples
         self.pool = SyntheticPool(max_samples=max_pool_samples or 1, max_bytes=max_pool_bytes, eviction=eviction,
-                                  seed=seed)
+                                  storage_dtype=pool_storage_dtype, seed=seed)
         self.weighting = SyntheticWeighting(base_weight=initial_synthetic_weight, min_weight=min_synthetic_weight,
                                             max_weight=max_synthetic_weight, patience=plateau_patience)
         initial = synthetic_budget if isinstance(synthetic_budget, int) else SynthesisSettings().synthetic_budget

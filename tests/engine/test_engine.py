@@ -168,6 +168,28 @@ def test_resolve_budget_and_bad_arguments():
         SynthesisEngine(chunk_size=0)
     with pytest.raises(TypeError, match="`generators` must hold SyntheticGenerator"):
         SynthesisEngine(generators=[object()])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="`pool_storage_dtype` must be one of"):
+        SynthesisEngine(pool_storage_dtype="int8")  # type: ignore[arg-type]
+
+
+def test_the_pool_keeps_pixels_as_uint8_by_default_and_exact_on_request():
+    class Fixed(SyntheticGenerator):
+        name = "fixed"
+
+        def generate(self, profile, budget, context):
+            inputs = torch.rand(budget, 1, 8, 8, generator=context.generator)
+            return SyntheticBatch(inputs, torch.zeros(budget, dtype=torch.long), ["x"] * budget, torch.ones(budget),
+                                  self.name)
+
+    made = {}
+    for dtype in ("uint8", "float32"):
+        engine = make_engine([Fixed()], **({} if dtype == "uint8" else {"pool_storage_dtype": dtype}))
+        engine.epoch_start(None, EpochContext(epoch=0), LocalComm())
+        made[dtype] = torch.stack([engine.pool[i][0] for i in range(len(engine.pool))])
+        assert engine.pool.nbytes < 64 * 8 * 8 * 4 if dtype == "uint8" else engine.pool.nbytes > 64 * 8 * 8 * 4
+    assert made["uint8"].dtype == torch.float32
+    assert torch.equal(made["uint8"], (made["float32"] * 255).round() / 255)  # the same samples, quantised
+    assert (made["uint8"] - made["float32"]).abs().max() <= 0.5 / 255 + 1e-7
 
 
 def test_a_stateful_generator_keeps_its_pixels_in_the_checkpoint():

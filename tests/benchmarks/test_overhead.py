@@ -1,0 +1,36 @@
+"""The overhead benchmark's summary: paired ratios per interleaved repeat, with their spread."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from benchmarks import overhead  # noqa: E402
+
+
+def _run(config, wall, rss):
+    return {"config": config, "fit_wall_s": wall, "fit_cpu_s": wall, "peak_rss_mib": rss, "phases_s": {},
+            "rss_before_fit_mib": 100.0, "fit_peak_rss_mib": rss, "analyses": 0, "generated": {}, "pool_size": 0,
+            "callbacks": [], "steps": 10, "val_batches": 2, "val_acc": 0.5}
+
+
+def test_paired_ratios_come_with_their_spread():
+    runs = {"plain": [_run("plain", w, 100.0) for w in (10.0, 20.0, 10.0)],
+            "full": [_run("full", w, r) for w, r in ((11.0, 110.0), (20.0, 105.0), (13.0, 120.0))]}
+    wall = overhead.summarize(runs)["full"]["fit_wall_s"]
+    assert wall["paired_ratios"] == pytest.approx([1.1, 1.0, 1.3])
+    assert (wall["median_paired_ratio"], wall["min_paired_ratio"], wall["max_paired_ratio"]) == pytest.approx(
+        (1.1, 1.0, 1.3))
+    assert overhead.summarize(runs)["full"]["peak_rss_mib"]["max_paired_ratio"] == pytest.approx(1.2)
+    assert "1.10x [1.00-1.30]" in overhead.table(overhead.summarize(runs))
+
+
+def test_names_and_repeats_are_checked():
+    assert overhead.parse_args([]).repeats == 4
+    assert overhead.parse_args(["--name", "overhead_10k"]).name == "overhead_10k"
+    with pytest.raises(ValueError, match="`--name` must be"):
+        overhead.parse_args(["--name", "../x"])
