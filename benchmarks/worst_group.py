@@ -18,7 +18,7 @@ Methods (same network, optimizer, batch size and optimizer steps as in :mod:`ben
   training set with its misclassified points repeated ``--jtt-upweight`` times; the identification run is
   extra cost (``extra s``);
 - ``dfr`` (Deep Feature Reweighting, Kirichenko et al. 2023): ERM, then the last layer refit on the held-out
-  split with every group weighted equally;
+  split with every group weighted equally (:class:`~lightning_synth.callbacks.SliceBalancedRefit`);
 - ``group_dro`` (Sagawa et al. 2020): online exponentiated-gradient weights over *training* groups (an upper
   reference, not a fair competitor);
 - ``recolour_uniform``: lightning_synth's loop with the user's re-colouring applied to random real samples
@@ -27,7 +27,8 @@ Methods (same network, optimizer, batch size and optimizer steps as in :mod:`ben
   re-colouring scenario;
 - ``lightning_synth`` (headline): the analyzer's weak validation groups realised by a class- and
   group-conditioned :class:`~lightning_synth.generators.ConditionalGAN` fitted on the held-out split (its
-  time is ``extra s``); no user function.
+  time is ``extra s``), then DFR's refit of the last layer on the held-out groups (``--no-refit``: none); no
+  user function. Its accuracies just before the refit are the row ``lightning_synth_before_refit``.
 
 Reports average and worst-group test accuracy, and the mean of the worst 10% of groups (mean ± std over
 seeds: with 100 small groups the single worst one is often 0 for every method), the same on validation, and
@@ -77,7 +78,7 @@ from benchmarks.common import (
     write_json,
 )
 from lightning_synth.batch import BatchView
-from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback
+from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SliceBalancedRefit
 from lightning_synth.data import SyntheticDataModule
 from lightning_synth.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from lightning_synth.generators import ConditionalGAN, ConditionalGANGenerator, ScenarioGenerator
@@ -307,13 +308,14 @@ class ColouredFashionMNISTDataModule(L.LightningDataModule):
             TintedDataset(s.grey, s.labels, s.colours, self.train_groups, self.train_indices), shuffle=True
         )
 
-    def heldout_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Shuffled batches ``(x, y, {"group": g, "colour": c})`` of the held-out split (see ``heldout_size``)."""
+    def heldout_dataloader(self, batch_size: int | None = None, shuffle: bool = True) -> DataLoader:
+        """Batches ``(x, y, {"group": g, "colour": c})`` of the held-out split (see ``heldout_size``)."""
         s = self.heldout_set
         if s is None:
             raise RuntimeError("No held-out split: build the datamodule with `heldout_size > 0` and call `setup()`.")
         dataset = TintedDataset(s.grey, s.labels, s.colours, True, with_colours=True)
-        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -410,62 +412,36 @@ def make_group_dro(step_size: float = 0.01) -> Method:
     )
 
 
-class LastLayerRetraining(Callback):
-    """DFR (Kirichenko et al. 2023) after training: refit the last linear layer on the held-out split.
+def heldout_refit(dm: L.LightningDataModule, weight_decay: float = 1e-3) -> SliceBalancedRefit:
+    """A :class:`SliceBalancedRefit` on the held-out split's groups (DFR's data); ``dm`` is the task's
+    datamodule or a ``SyntheticDataModule`` around it."""
+    real = getattr(dm, "datamodule", dm)
+    if not isinstance(real, ColouredFashionMNISTDataModule):
+        raise TypeError(f"The refit needs a ColouredFashionMNISTDataModule, got {type(real).__name__}")
+    if real.heldout_size == 0:
+        raise ValueError("The refit needs the held-out split: run with `--heldout-size` > 0.")
+    return SliceBalancedRefit(lambda: real.heldout_dataloader(1000, shuffle=False), slice_key="group",
+                              weight_decay=weight_decay)
 
-    Features of the network's body (everything but the last ``nn.Linear``) are standardised; a fresh linear
-    layer is fitted full-batch with Adam on cross-entropy weighted so that every group weighs the same (the
-    expectation of DFR's group-balanced subsets), plus ``weight_decay * |W|^2``; the standardisation is
-    folded back into the layer, which replaces the old one in place.
-    """
 
-    def __init__(
-        self, datamodule: ColouredFashionMNISTDataModule, steps: int = 300, lr: float = 0.01,
-        weight_decay: float = 1e-3,
-    ) -> None:
-        self.datamodule, self.steps, self.lr, self.weight_decay = datamodule, steps, lr, weight_decay
+class BeforeRefit(Callback):
+    """Records the model's group accuracies (test and validation) at the end of fit, before a later callback
+    refits its last layer: the same run, without the refit, for the ablation row ``<method>_before_refit``."""
 
-    @torch.enable_grad()
+    def __init__(self, datamodule: ColouredFashionMNISTDataModule, info: dict[str, Any]) -> None:
+        self.datamodule, self.info = datamodule, info
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        held = self.datamodule.heldout_set
-        if held is None:
-            raise RuntimeError("DFR needs the held-out split: run with `--heldout-size` > 0.")
-        net = pl_module.net
-        head = net[-1]
-        if not (isinstance(net, nn.Sequential) and isinstance(head, nn.Linear)):
-            raise TypeError("DFR needs a network whose last module is an nn.Linear")
-        device = head.weight.device
-        was_training = net.training
-        net.eval()
-        with torch.no_grad():
-            feats = torch.cat([net[:-1](x.to(device)) for x in held.images().split(1000)])
-        net.train(was_training)
-        mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
-        z = (feats - mean) / std
-        labels, groups = held.labels.to(device), held.groups.to(device)
-        counts = torch.bincount(groups, minlength=LAYOUT.num_groups).float()
-        weights = 1.0 / counts[groups]
-        weights = weights / weights.sum()
-        layer = nn.Linear(z.shape[1], head.out_features).to(device)
-        opt = torch.optim.Adam(layer.parameters(), lr=self.lr)
-        for _ in range(self.steps):
-            loss = (weights * F.cross_entropy(layer(z), labels, reduction="none")).sum()
-            loss = loss + self.weight_decay * layer.weight.pow(2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            head.weight.copy_(layer.weight / std)
-            head.bias.copy_(layer.bias - (layer.weight * (mean / std)).sum(1))
+        test, val = self.datamodule.test_set, self.datamodule.val_set
+        assert isinstance(pl_module, Classifier) and test is not None and val is not None
+        self.info["before_refit"] = {**group_accuracy(pl_module, test), "val": group_accuracy(pl_module, val)}
 
 
-def make_dfr(steps: int = 300, weight_decay: float = 1e-3) -> Method:
+def make_dfr(weight_decay: float = 1e-3) -> Method:
     """DFR: ERM, then the last layer retrained group-balanced on the held-out split (its group labels)."""
 
     def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
-        if not isinstance(dm, ColouredFashionMNISTDataModule):
-            raise TypeError(f"DFR needs a ColouredFashionMNISTDataModule, got {type(dm).__name__}")
-        return [LastLayerRetraining(dm, steps=steps, weight_decay=weight_decay)]
+        return [heldout_refit(dm, weight_decay)]
 
     return Method("dfr", (TASK,), make_callbacks=callbacks,
                   description=f"DFR: ERM, last layer refit group-balanced on the held-out split (wd {weight_decay})")
@@ -494,9 +470,11 @@ class UniformRecolour(SyntheticGenerator):
 def synthetic_method(
     name: str, make_generators: Callable[[L.LightningDataModule, MethodContext], list[SyntheticGenerator]],
     share: float = 0.5, description: str = "",
+    make_end_callbacks: Callable[[L.LightningDataModule, MethodContext], list[Callback]] | None = None,
 ) -> Method:
     """A lightning_synth run on this task: ``share * train_size`` synthetic samples per refresh (pool twice
-    that), the analyzer on validation (its group slices), adaptive sampling; only the generators differ."""
+    that), the analyzer on validation (its group slices), adaptive sampling; only the generators differ.
+    ``make_end_callbacks``: more callbacks, after the others (e.g. a :class:`SliceBalancedRefit`)."""
 
     def wrap(dm: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
         generators = make_generators(dm, ctx)
@@ -507,8 +485,9 @@ def synthetic_method(
         )
 
     def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
+        end = make_end_callbacks(dm, ctx) if make_end_callbacks is not None else []
         return [FailureModeCallback(max_samples=256, seed=ctx.seed, max_groups=LAYOUT.num_groups),
-                AdaptiveSampling(seed=ctx.seed)]
+                AdaptiveSampling(seed=ctx.seed), *end]
 
     return Method(name, (TASK,), make_callbacks=callbacks, wrap_datamodule=wrap, description=description or name)
 
@@ -535,13 +514,15 @@ def make_slice_gan(
 
 def make_lightning_synth(
     gan_steps: int = 300, gan_width: int = 16, min_quality: float = 0.0, class_check: str = "auxiliary",
-    share: float = 0.5, gan_slice: str = "group",
+    share: float = 0.5, gan_slice: str = "group", refit: bool = True, refit_weight_decay: float = 1e-3,
 ) -> Method:
     """The headline: slices from the validation group labels, a slice-conditioned GAN, no user function.
 
     ``gan_slice="colour"``: the GAN is conditioned on the held-out batches' colour attribute; the weak
     groups the analyzer reports are mapped to (class, colour) cells by :func:`cells_from_data` on the
-    held-out samples (which carry both attributes).
+    held-out samples (which carry both attributes). ``refit``: at the end, a :class:`SliceBalancedRefit` of
+    the last layer on the held-out groups (DFR's refit, on the features the GAN's samples shaped); the
+    accuracies just before it are recorded too (:class:`BeforeRefit`).
     """
 
     def generators(dm: L.LightningDataModule, ctx: MethodContext) -> list[SyntheticGenerator]:
@@ -557,11 +538,17 @@ def make_lightning_synth(
             "group": cells_from_data(held.groups, held.labels, held.colours, LAYOUT.num_groups)}
         return [ConditionalGANGenerator(gan, min_quality=min_quality, class_check=class_check, slice_cells=cells)]
 
+    def make_refit(dm: L.LightningDataModule, ctx: MethodContext) -> list[Callback]:
+        real = getattr(dm, "datamodule", dm)
+        assert isinstance(real, ColouredFashionMNISTDataModule)
+        return [BeforeRefit(real, ctx.info), heldout_refit(dm, refit_weight_decay)]
+
+    tail = "; last layer refit group-balanced on the held-out split" if refit else ""
     return synthetic_method(
         "lightning_synth", generators, share,
         f"GAN conditioned on class and {gan_slice} ({gan_steps} steps on the held-out split), slices from "
-        f"validation groups, "
-        f"no user function; class check {class_check}, min quality {min_quality}",
+        f"validation groups, no user function; class check {class_check}, min quality {min_quality}{tail}",
+        make_end_callbacks=make_refit if refit else None,
     )
 
 
@@ -585,6 +572,7 @@ register_method(make_user_scenario())
 DEFAULT_METHODS = ("erm", "jtt", "dfr", "group_dro", "recolour_uniform", "ls_user_scenario", "lightning_synth")
 PAIRS = (
     ("lightning_synth", "jtt"), ("lightning_synth", "dfr"), ("lightning_synth", "erm"),
+    ("lightning_synth", "lightning_synth_before_refit"), ("lightning_synth_before_refit", "erm"),
     ("ls_user_scenario", "recolour_uniform"), ("lightning_synth", "ls_user_scenario"),
 )
 
@@ -649,6 +637,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gan-class-check", default="auxiliary", choices=("auxiliary", "task", "none"))
     parser.add_argument("--gan-slice", default="colour", choices=("group", "colour"),
                         help="the held-out attribute the GAN is conditioned on besides the class")
+    parser.add_argument("--no-refit", action="store_true",
+                        help="lightning_synth without its end-of-fit slice-balanced refit of the last layer")
     parser.add_argument("--synthetic-share", type=float, default=0.5,
                         help="synthetic samples per refresh, as a share of the real training set")
     args = parser.parse_args(argv)
@@ -720,6 +710,18 @@ def paired_differences(
     return out
 
 
+def add_before_refit_rows(runs: dict[str, dict[int, dict[str, Any]]]) -> None:
+    """For each method whose runs recorded ``info["before_refit"]`` (:class:`BeforeRefit`), a row
+    ``<method>_before_refit``: the same runs' accuracies just before the end-of-fit refit (same times)."""
+    for name, per_seed in list(runs.items()):
+        if per_seed and all("before_refit" in r["info"] for r in per_seed.values()):
+            runs[f"{name}_before_refit"] = {
+                seed: {**r["info"]["before_refit"], "train_seconds": r["train_seconds"],
+                       "train_cpu_seconds": r["train_cpu_seconds"], "info": {"same_run_as": name}}
+                for seed, r in per_seed.items()
+            }
+
+
 def plot(path: Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
     plt = pyplot()
     methods = list(summary)
@@ -757,7 +759,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ls_user_scenario": make_user_scenario(share),
         # The plugins' generic `lightning_synth` is replaced here by the worst-group headline (the GAN).
         "lightning_synth": make_lightning_synth(args.gan_steps, args.gan_width, args.gan_min_quality,
-                                                args.gan_class_check, share, args.gan_slice),
+                                                args.gan_class_check, share, args.gan_slice, not args.no_refit,
+                                                args.dfr_weight_decay),
     }
     methods = resolve_methods(args.methods or list(DEFAULT_METHODS), TASK, overrides)
     reference = make_datamodule(args)
@@ -782,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 )
                 if args.export_dir is not None and seed == args.seeds[0]:
                     export_torchscript(model, args.export_dir / f"{method.name}.pt")
+    add_before_refit_rows(runs)
     summary = {
         name: {
             key: summarize([r[key] for r in per_seed.values()])

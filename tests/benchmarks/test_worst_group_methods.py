@@ -63,9 +63,12 @@ def test_worst_group_new_methods_smoke(tmp_path: Path) -> None:
     worst_group.main([*TINY, "--seeds", "0", "1", "--methods", "dfr", "recolour_uniform", "lightning_synth",
                       "--gan-slice", "colour", "--results-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "worst_group.json").read_text())
-    assert set(saved["summary"]) == {"dfr", "recolour_uniform", "lightning_synth"}
+    assert set(saved["summary"]) == {"dfr", "recolour_uniform", "lightning_synth", "lightning_synth_before_refit"}
     run = saved["runs"]["lightning_synth"]["0"]
+    before = saved["runs"]["lightning_synth_before_refit"]["0"]
+    assert before["train_seconds"] == run["train_seconds"] and before["average"] != run["average"]
     assert run["info"]["gan_steps"] == 4 and run["info"]["gan_seconds"] > 0
     assert saved["summary"]["lightning_synth"]["extra_seconds"]["mean"] > 0
     pairs = {(p["pair"], p["metric"]) for p in saved["paired"]}
     assert ("lightning_synth - dfr", "worst_decile") in pairs and all(p["n"] == 2 for p in saved["paired"])
+    assert ("lightning_synth - lightning_synth_before_refit", "worst_group") in pairs
