@@ -47,7 +47,8 @@ class SyntheticDataModule(L.LightningDataModule):
 
     Args:
         datamodule: your datamodule.
-        generators: synthetic-data generators (default: ``TargetedAugmentation`` and ``ScenarioGenerator``).
+        generators: synthetic-data generators (default: ``TargetedAugmentation()``; add ``ScenarioGenerator`` for
+            compound perturbations, confusion compositions and your slice scenarios, or a GAN).
         synthetic_budget: samples made per refresh: an int, or a float in (0, 1], that fraction of your
             training set bounded to [256, 50_000].
         refresh_every_n_epochs: refresh the pool every N epochs.
@@ -62,7 +63,8 @@ class SyntheticDataModule(L.LightningDataModule):
         max_synthetic_weight: upper bound of the synthetic weight.
         plateau_patience: epochs without progress on synthetic data before the weight is lowered.
         sampler_temperature: temperature of the adaptive sampler (``1e6`` makes it uniform).
-        sampler_uniform_mix: share of sampler mass spread uniformly.
+        sampler_uniform_mix: share of sampler mass spread uniformly (default 1: no loss focusing, see
+            :class:`~lightning_synth.engine.SynthesisEngine`).
         batch_adapter: how to read your samples (see :class:`~lightning_synth.batch.BatchAdapter`).
         seed: seed of generation and sampling.
         serve_api: serve the HTTP control API on global rank 0 while training.
@@ -79,7 +81,7 @@ class SyntheticDataModule(L.LightningDataModule):
         >>> from lightning_synth.datasets import DigitsDataModule
         >>> dm = SyntheticDataModule(DigitsDataModule(), synthetic_budget=256)
         >>> [g.name for g in dm.generators]
-        ['targeted', 'scenario']
+        ['targeted']
     """
 
     def __init__(
@@ -98,7 +100,7 @@ class SyntheticDataModule(L.LightningDataModule):
         max_synthetic_weight: float = 2.0,
         plateau_patience: int = 2,
         sampler_temperature: float = 2.0,
-        sampler_uniform_mix: float = 0.2,
+        sampler_uniform_mix: float = 1.0,
         batch_adapter: BatchAdapter | Callable[[Any], Any] | None = None,
         seed: int = 0,
         serve_api: bool = False,

@@ -164,8 +164,8 @@ class SynthesisSettings(BaseModel):
     synthetic_weight: SyntheticWeight | None = None
     generator_mix: GeneratorMix = Field(default_factory=dict)
     pinned_profile: PinnedProfile | None = None
-    sampler_temperature: Temperature = 2.0  # AdaptiveSampler's defaults
-    sampler_uniform_mix: UniformMix = 0.2
+    sampler_temperature: Temperature = 2.0  # AdaptiveSampler's default
+    sampler_uniform_mix: UniformMix = 1.0  # the engine's default: no loss focusing
 
     _mix = field_validator("generator_mix")(check_generator_mix)
     _profile = field_validator("pinned_profile")(_check_profile)

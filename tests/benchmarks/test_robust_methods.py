@@ -44,8 +44,18 @@ def test_bank_names_leave_a_family_out(tmp_path):
     assert names is not None and "gaussian_blur" not in names and "rotation" in names
 
 
-def test_targeted_default_is_the_benchmark_row():
-    assert TargetedAugmentation().class_bias == 0.5
+def test_lightning_synth_row_is_the_library_defaults(tmp_path):
+    # The README quick start: the datamodule's default generator and sampler, MixingChains' default floor.
+    method = build_method("lightning_synth", "robustness")
+    ctx = _ctx(tmp_path)
+    dm = method.wrap_datamodule(DigitsDataModule(batch_size=128), ctx)
+    (generator,) = dm.generators
+    default = TargetedAugmentation()
+    assert isinstance(generator, TargetedAugmentation)
+    assert (generator.class_bias, generator.uniform_floor, generator.min_share, generator.temperature) == (
+        default.class_bias, default.uniform_floor, default.min_share, default.temperature)
+    assert dm.engine.controller.settings.sampler_uniform_mix == 1.0
+    assert method.make_module(ctx).consistency.floor == MixingChains().floor
 
 
 @pytest.mark.slow

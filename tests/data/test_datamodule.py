@@ -34,7 +34,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="synthetic_budget"):
         SyntheticDataModule(DigitsDataModule(), synthetic_budget=-1)
     with pytest.raises(ValueError, match="`min_generator_share`"):
-        SyntheticDataModule(DigitsDataModule(), min_generator_share=0.9)
+        SyntheticDataModule(DigitsDataModule(), min_generator_share=1.5)
     with pytest.raises(ValueError, match=r"`synthetic_budget` must be in \(0.0, 1.0\]"):
         SyntheticDataModule(DigitsDataModule(), synthetic_budget=1.5)
     with pytest.raises(TypeError, match="`synthetic_budget` must be an int"):

@@ -82,7 +82,7 @@ def test_nan_in_real_data_is_reported_as_the_users_data():
 
 
 def test_refresh_fills_pool_groups_sampler_and_follows_the_profile():
-    engine = make_engine()
+    engine = make_engine([TargetedAugmentation(uniform_floor=0.0)])  # pure targeting: the tilt is plain to see
     report = engine.epoch_start(profile(), EpochContext(epoch=0), LocalComm())
     assert report.generated == {"targeted": 64} and len(engine.pool) == 64
     assert engine.sampler is not None and engine.sampler.group_names == ["real", "synthetic/targeted"]

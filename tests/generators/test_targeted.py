@@ -71,7 +71,7 @@ def test_bad_arguments_raise(kwargs: dict[str, Any], error: type[Exception], mat
 
 
 def test_bad_generate_arguments_raise(digits: tuple[Tensor, Tensor]) -> None:
-    gen, prof = TargetedAugmentation(), profile({"rotation": 0.3})
+    gen, prof = TargetedAugmentation(uniform_floor=0.0), profile({"rotation": 0.3})
     with pytest.raises(ValueError, match="`budget` must be >= 0, got -1"):
         gen.generate(prof, -1, context(digits))
     with pytest.raises(TypeError, match="`budget` must be an int"):
@@ -107,7 +107,7 @@ def test_budget_is_respected_exactly(digits: tuple[Tensor, Tensor], budget: int)
 
 
 def test_plan_follows_the_profile() -> None:
-    gen = TargetedAugmentation(min_share=0.02)
+    gen = TargetedAugmentation(min_share=0.02, uniform_floor=0.0)
     prof = profile({"rotation": 0.1, "gaussian_noise": 0.5, "occlusion": 0.2})
     plan = gen.plan(prof, 200, torch.Generator().manual_seed(0))
     assert sum(plan.values()) == 200 and set(plan) == set(default_bank().names)
@@ -115,7 +115,7 @@ def test_plan_follows_the_profile() -> None:
     assert plan["gaussian_noise"] > plan["occlusion"] > plan["rotation"] > plan["scale"]
     assert min(plan.values()) >= 4  # the floor: 2% of 200, nothing dropped
     # A lower temperature concentrates the budget on the worst perturbation.
-    sharp = TargetedAugmentation(temperature=0.3, min_share=0.0).plan(prof, 200)
+    sharp = TargetedAugmentation(temperature=0.3, min_share=0.0, uniform_floor=0.0).plan(prof, 200)
     assert sharp["gaussian_noise"] > plan["gaussian_noise"] and sharp["scale"] == 0
 
 
@@ -131,7 +131,7 @@ def levels(batch_keys: list[str], name: str) -> list[int]:
 
 
 def test_severities_concentrate_near_the_frontier_and_follow_it(digits: tuple[Tensor, Tensor]) -> None:
-    gen = TargetedAugmentation(["rotation", "gaussian_noise"], curriculum_width=0.5)
+    gen = TargetedAugmentation(["rotation", "gaussian_noise"], curriculum_width=0.5, uniform_floor=0.0)
     gaps = {"rotation": 0.4, "gaussian_noise": 0.4}
     early = gen.generate(profile(gaps, {"rotation": 2.0, "gaussian_noise": 1.0}), 60, context(digits))
     later = gen.generate(profile(gaps, {"rotation": 4.0, "gaussian_noise": None}), 60, context(digits))
@@ -168,9 +168,9 @@ def test_class_bias_draws_sources_from_weak_classes(digits: tuple[Tensor, Tensor
             Weakness(kind="confusion", name="8->1", error_rate=0.3, gap=0.3, support=30, target=8, other=1)]
     prof = profile({"rotation": 0.2}, extra=weak)
     assert class_weights(prof, 10).nonzero().flatten().tolist() == [3, 8]
-    full = TargetedAugmentation(class_bias=1.0).generate(prof, 40, context(digits))
+    full = TargetedAugmentation(class_bias=1.0, uniform_floor=0.0).generate(prof, 40, context(digits))
     assert set(full.targets.tolist()) == {3, 8}
-    none = TargetedAugmentation(class_bias=0.0).generate(prof, 40, context(digits))
+    none = TargetedAugmentation(class_bias=0.0, uniform_floor=0.0).generate(prof, 40, context(digits))
     assert len(set(none.targets.tolist())) > 4
 
 
@@ -200,7 +200,7 @@ def test_uniform_floor_keeps_every_perturbation_and_severity(digits: tuple[Tenso
     # All weakness on gaussian_noise at severity 5: pure targeting puts (nearly) everything there, near the top.
     prof = WeaknessProfile(frontier=dict.fromkeys(default_bank().names, None) | {"gaussian_noise": 4.5},
                            weaknesses=[pert("gaussian_noise", 5, 0.6)])
-    pure = TargetedAugmentation(min_share=0.0).plan(prof, 180)
+    pure = TargetedAugmentation(min_share=0.0, uniform_floor=0.0).plan(prof, 180)
     assert pure["gaussian_noise"] == 180
     floored = TargetedAugmentation(min_share=0.0, uniform_floor=0.5)
     plan = floored.plan(prof, 180, torch.Generator().manual_seed(0))
