@@ -1,8 +1,9 @@
 # Run: bash .ci/setup && python3 examples/demo.py
 """The main job: a short real training on Fashion-MNIST with lightning_synth on.
 
-The analyzer prints the weakness profile after each validation; targeted augmentation and scenario
-generation make data for it each epoch; the adaptive sampler weighs real and synthetic samples. Every figure
+The analyzer prints the weakness profile after each validation; targeted augmentation (the bank at random
+with a tilt towards the weak perturbations) makes data for it each epoch; the sampler mixes real and synthetic
+samples at the synthetic weight. Every figure
 goes through a CSV logger (or offline W&B with `--wandb`), so it needs no account and no network.
 """
 
