@@ -23,7 +23,7 @@ from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, Syn
 from lightning_synth.control import SynthesisController
 from lightning_synth.data.loader import rebuild_loader
 from lightning_synth.data.mixed import MixedDataset
-from lightning_synth.data.pool import SyntheticPool
+from lightning_synth.data.pool import StorageDtype, SyntheticPool
 from lightning_synth.data.sampler import AdaptiveSampler
 from lightning_synth.data.weighting import SyntheticWeighting
 from lightning_synth.engine import SynthesisEngine
@@ -56,6 +56,8 @@ class SyntheticDataModule(L.LightningDataModule):
         max_pool_bytes: pool capacity (bytes of the in-memory pixel cache), ``None`` for no byte bound.
         eviction: which samples leave a full pool first.
         real_cache_size: real training samples kept on hand for generators to transform.
+        pool_storage_dtype: how the pool keeps its pixels in RAM (``"uint8"``: a quarter of float32's memory,
+            within 0.5/255 of the generated value; ``"float32"`` exact).
         min_generator_share: budget floor per generator when the budget follows sampler mass.
         initial_synthetic_weight: multiplier of the synthetic share before any feedback (0.75: chosen on
             the robustness benchmark's validation corruptions).
@@ -94,6 +96,7 @@ class SyntheticDataModule(L.LightningDataModule):
         max_pool_bytes: int | None = None,
         eviction: Literal["oldest", "lowest_quality", "learned", "random"] = "oldest",
         real_cache_size: int = 8192,
+        pool_storage_dtype: StorageDtype = "uint8",
         min_generator_share: float = 0.1,
         initial_synthetic_weight: float = 0.75,
         min_synthetic_weight: float = 0.1,
@@ -116,6 +119,7 @@ class SyntheticDataModule(L.LightningDataModule):
         self.engine = SynthesisEngine(
             generators, synthetic_budget=synthetic_budget, max_pool_samples=max_pool_samples,
             max_pool_bytes=max_pool_bytes, eviction=eviction, real_cache_size=real_cache_size,
+            pool_storage_dtype=pool_storage_dtype,
             min_generator_share=min_generator_share, initial_synthetic_weight=initial_synthetic_weight,
             min_synthetic_weight=min_synthetic_weight, max_synthetic_weight=max_synthetic_weight,
             plateau_patience=plateau_patience, refresh_every_n_epochs=refresh_every_n_epochs,

@@ -194,3 +194,10 @@ def test_ddp_pool_and_weight_identical_on_ranks_and_work_shared(tmp_path):
         assert rank0[key] == rank1[key], key
     # Each rank made only its half of each refresh: nothing was generated twice.
     assert rank0["local_budgets"] == rank1["local_budgets"] == [100, 100, 100]
+
+
+def test_pool_storage_dtype_reaches_the_pool():
+    assert SyntheticDataModule(DigitsDataModule()).engine.pool.storage_dtype == "uint8"
+    assert SyntheticDataModule(DigitsDataModule(), pool_storage_dtype="float32").engine.pool.storage_dtype == "float32"
+    with pytest.raises(ValueError, match="`pool_storage_dtype` must be one of"):
+        SyntheticDataModule(DigitsDataModule(), pool_storage_dtype="int4")  # type: ignore[arg-type]
