@@ -5,8 +5,10 @@ with). Perturbations are drawn in proportion to their weakness (``profile.pertur
 ``1 / temperature``), each keeps at least ``min_share`` of the budget, and the draw is uniform when the
 profile shows no perturbation weakness. Severities are drawn around each perturbation's failure frontier,
 ``frontier + U(-curriculum_width, +curriculum_width)`` clamped to ``[0.5, max severity]``: as the model
-becomes robust the frontier moves up the ladder and the samples follow it (a curriculum). All randomness
-comes from ``context.generator``, so every rank makes the same samples.
+becomes robust the frontier moves up the ladder and the samples follow it (a curriculum). That is the
+targeted part; ``uniform_floor`` of the budget (80% by default) is drawn with no targeting at all: the
+perturbations split evenly, severities uniform over the ladder. All randomness comes from
+``context.generator``, so every rank makes the same samples.
 """
 
 from __future__ import annotations
