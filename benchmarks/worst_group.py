@@ -1,5 +1,5 @@
 # Run from the repository root:
-#   python -m benchmarks.worst_group                      # the seven methods below, seeds 0 1 2
+#   python -m benchmarks.worst_group                      # the nine methods below, seeds 0 1 2
 #   python -m benchmarks.worst_group --methods erm dfr lightning_synth --seeds 0 --epochs 1 --train-size 5000
 """Worst-group benchmark: a spurious colour in Fashion-MNIST.
 
@@ -18,7 +18,10 @@ Methods (same network, optimizer, batch size and optimizer steps as in :mod:`ben
   training set with its misclassified points repeated ``--jtt-upweight`` times; the identification run is
   extra cost (``extra s``);
 - ``dfr`` (Deep Feature Reweighting, Kirichenko et al. 2023): ERM, then the last layer refit on the held-out
-  split with every group weighted equally (:class:`~lightning_synth.callbacks.SliceBalancedRefit`);
+  split with every group weighted equally (:class:`~lightning_synth.callbacks.SliceBalancedRefit` without its
+  tilt, ``--dfr-weight-decay`` chosen on validation);
+- ``erm_refit``: ERM, then lightning_synth's refit (``SliceBalancedRefit``'s defaults: cell-balanced, tilted
+  towards the worst groups): the same refit as lightning_synth on ERM's features;
 - ``group_dro`` (Sagawa et al. 2020): online exponentiated-gradient weights over *training* groups (an upper
   reference, not a fair competitor);
 - ``recolour_uniform``: lightning_synth's loop with the user's re-colouring applied to random real samples
@@ -27,8 +30,10 @@ Methods (same network, optimizer, batch size and optimizer steps as in :mod:`ben
   re-colouring scenario;
 - ``lightning_synth`` (headline): the analyzer's weak validation groups realised by a class- and
   group-conditioned :class:`~lightning_synth.generators.ConditionalGAN` fitted on the held-out split (its
-  time is ``extra s``), then DFR's refit of the last layer on the held-out groups (``--no-refit``: none); no
-  user function. Its accuracies just before the refit are the row ``lightning_synth_before_refit``.
+  time is ``extra s``), then the last layer refit on the held-out groups by ``SliceBalancedRefit`` with its
+  defaults (``--no-refit``: none); no user function. Its accuracies just before the refit are the row
+  ``lightning_synth_before_refit``;
+- ``ls_no_gan``: lightning_synth's loop and refit without the GAN (no synthetic samples).
 
 Reports average and worst-group test accuracy, and the mean of the worst 10% of groups (mean ± std over
 seeds: with 100 small groups the single worst one is often 0 for every method), the same on validation, and
@@ -412,16 +417,16 @@ def make_group_dro(step_size: float = 0.01) -> Method:
     )
 
 
-def heldout_refit(dm: L.LightningDataModule, weight_decay: float = 1e-3) -> SliceBalancedRefit:
+def heldout_refit(dm: L.LightningDataModule, **settings: float) -> SliceBalancedRefit:
     """A :class:`SliceBalancedRefit` on the held-out split's groups (DFR's data); ``dm`` is the task's
-    datamodule or a ``SyntheticDataModule`` around it."""
+    datamodule or a ``SyntheticDataModule`` around it; ``settings``: the refit's arguments (default: the
+    library's defaults)."""
     real = getattr(dm, "datamodule", dm)
     if not isinstance(real, ColouredFashionMNISTDataModule):
         raise TypeError(f"The refit needs a ColouredFashionMNISTDataModule, got {type(real).__name__}")
     if real.heldout_size == 0:
         raise ValueError("The refit needs the held-out split: run with `--heldout-size` > 0.")
-    return SliceBalancedRefit(lambda: real.heldout_dataloader(1000, shuffle=False), slice_key="group",
-                              weight_decay=weight_decay)
+    return SliceBalancedRefit(lambda: real.heldout_dataloader(1000, shuffle=False), slice_key="group", **settings)
 
 
 class BeforeRefit(Callback):
@@ -437,14 +442,42 @@ class BeforeRefit(Callback):
         self.info["before_refit"] = {**group_accuracy(pl_module, test), "val": group_accuracy(pl_module, val)}
 
 
-def make_dfr(weight_decay: float = 1e-3) -> Method:
-    """DFR: ERM, then the last layer retrained group-balanced on the held-out split (its group labels)."""
+def make_dfr(weight_decay: float = 1e-5) -> Method:
+    """DFR: ERM, then the last layer retrained group-balanced on the held-out split (its group labels), every
+    group weighing the same throughout (no tilt); ``weight_decay`` chosen on validation (README)."""
 
     def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
-        return [heldout_refit(dm, weight_decay)]
+        return [heldout_refit(dm, weight_decay=weight_decay, dro_step_size=0.0)]
 
     return Method("dfr", (TASK,), make_callbacks=callbacks,
                   description=f"DFR: ERM, last layer refit group-balanced on the held-out split (wd {weight_decay})")
+
+
+def make_erm_refit() -> Method:
+    """ERM, then :class:`SliceBalancedRefit` with the library's defaults (the tilt towards the worst groups):
+    lightning_synth's refit on ERM's features, the ablation that credits the loop's features."""
+
+    def callbacks(ctx: MethodContext, dm: L.LightningDataModule) -> list[Callback]:
+        return [heldout_refit(dm)]
+
+    return Method("erm_refit", (TASK,), make_callbacks=callbacks,
+                  description="ERM, then SliceBalancedRefit with the library defaults on the held-out split")
+
+
+class NoSamples(SyntheticGenerator):
+    """A generator that makes nothing: the loop (analyzer, adaptive sampling) on real data only.
+
+    Example:
+        >>> context = GenerationContext(torch.rand(4, 3, 28, 28), torch.arange(4), 10, torch.Generator())
+        >>> len(NoSamples().generate(WeaknessProfile(), 8, context))
+        0
+    """
+
+    name = "none"
+
+    def generate(self, profile: WeaknessProfile, budget: int, context: GenerationContext) -> SyntheticBatch:
+        del profile, budget
+        return SyntheticBatch.empty(self.name, context.real_inputs)
 
 
 class UniformRecolour(SyntheticGenerator):
@@ -514,15 +547,15 @@ def make_slice_gan(
 
 def make_lightning_synth(
     gan_steps: int = 300, gan_width: int = 16, min_quality: float = 0.0, class_check: str = "auxiliary",
-    share: float = 0.5, gan_slice: str = "group", refit: bool = True, refit_weight_decay: float = 1e-3,
+    share: float = 0.5, gan_slice: str = "group", refit: bool = True,
 ) -> Method:
     """The headline: slices from the validation group labels, a slice-conditioned GAN, no user function.
 
     ``gan_slice="colour"``: the GAN is conditioned on the held-out batches' colour attribute; the weak
     groups the analyzer reports are mapped to (class, colour) cells by :func:`cells_from_data` on the
     held-out samples (which carry both attributes). ``refit``: at the end, a :class:`SliceBalancedRefit` of
-    the last layer on the held-out groups (DFR's refit, on the features the GAN's samples shaped); the
-    accuracies just before it are recorded too (:class:`BeforeRefit`).
+    the last layer on the held-out groups with the library's defaults (on the features the GAN's samples
+    shaped); the accuracies just before it are recorded too (:class:`BeforeRefit`).
     """
 
     def generators(dm: L.LightningDataModule, ctx: MethodContext) -> list[SyntheticGenerator]:
@@ -541,7 +574,7 @@ def make_lightning_synth(
     def make_refit(dm: L.LightningDataModule, ctx: MethodContext) -> list[Callback]:
         real = getattr(dm, "datamodule", dm)
         assert isinstance(real, ColouredFashionMNISTDataModule)
-        return [BeforeRefit(real, ctx.info), heldout_refit(dm, refit_weight_decay)]
+        return [BeforeRefit(real, ctx.info), heldout_refit(dm)]
 
     tail = "; last layer refit group-balanced on the held-out split" if refit else ""
     return synthetic_method(
@@ -550,6 +583,18 @@ def make_lightning_synth(
         f"validation groups, no user function; class check {class_check}, min quality {min_quality}{tail}",
         make_end_callbacks=make_refit if refit else None,
     )
+
+
+def make_ls_no_gan(share: float = 0.5) -> Method:
+    """lightning_synth's loop and refit without the GAN: the same analyzer, adaptive sampling and
+    :class:`SliceBalancedRefit`, no synthetic samples (what the GAN adds over the refit alone)."""
+
+    def refit(dm: L.LightningDataModule, ctx: MethodContext) -> list[Callback]:
+        return [heldout_refit(dm)]
+
+    return synthetic_method("ls_no_gan", lambda dm, ctx: [NoSamples()], share,
+                            "lightning_synth's loop and refit without the GAN (no synthetic samples)",
+                            make_end_callbacks=refit)
 
 
 def make_user_scenario(share: float = 0.5) -> Method:
@@ -567,11 +612,16 @@ def make_recolour_uniform(share: float = 0.5) -> Method:
 register_method(make_jtt())
 register_method(make_group_dro())
 register_method(make_dfr())
+register_method(make_erm_refit())
+register_method(make_ls_no_gan())
 register_method(make_recolour_uniform())
 register_method(make_user_scenario())
-DEFAULT_METHODS = ("erm", "jtt", "dfr", "group_dro", "recolour_uniform", "ls_user_scenario", "lightning_synth")
+DEFAULT_METHODS = ("erm", "jtt", "dfr", "erm_refit", "group_dro", "recolour_uniform", "ls_user_scenario",
+                   "ls_no_gan", "lightning_synth")
 PAIRS = (
     ("lightning_synth", "jtt"), ("lightning_synth", "dfr"), ("lightning_synth", "erm"),
+    ("lightning_synth", "ls_no_gan"), ("lightning_synth", "erm_refit"), ("ls_no_gan", "erm_refit"),
+    ("erm_refit", "dfr"),
     ("lightning_synth", "lightning_synth_before_refit"), ("lightning_synth_before_refit", "erm"),
     ("ls_user_scenario", "recolour_uniform"), ("lightning_synth", "ls_user_scenario"),
 )
@@ -630,7 +680,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dro-step-size", type=float, default=0.01)
     parser.add_argument("--heldout-size", type=int, default=2000,
                         help="held-out samples with group labels (DFR's last layer, lightning_synth's GAN)")
-    parser.add_argument("--dfr-weight-decay", type=float, default=1e-3)
+    parser.add_argument("--dfr-weight-decay", type=float, default=1e-5,
+                        help="DFR's L2 penalty (chosen on validation from 0, 1e-5, 1e-4, ..., 1e-1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--gan-steps", type=int, default=300)
     parser.add_argument("--gan-width", type=int, default=16)
     parser.add_argument("--gan-min-quality", type=float, default=0.0)
@@ -651,6 +703,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if not args.dro_step_size > 0:
         raise ValueError(f"`--dro-step-size` must be > 0, got {args.dro_step_size}")
+    if args.threads < 1:
+        raise ValueError(f"`--threads` must be >= 1, got {args.threads}")
     if args.heldout_size < 0 or args.gan_steps < 1 or args.gan_width < 1 or not 0 < args.synthetic_share <= 4:
         raise ValueError("`--heldout-size` must be >= 0, `--gan-steps`/`--gan-width` >= 1 and `--synthetic-share` "
                          f"in (0, 4], got {args.heldout_size}, {args.gan_steps}, {args.gan_width}, "
@@ -749,18 +803,19 @@ def plot(path: Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     quiet_lightning()
     share = args.synthetic_share
     overrides = {
         "jtt": make_jtt(args.jtt_epochs, args.jtt_upweight),
         "group_dro": make_group_dro(args.dro_step_size),
         "dfr": make_dfr(weight_decay=args.dfr_weight_decay),
+        "ls_no_gan": make_ls_no_gan(share),
         "recolour_uniform": make_recolour_uniform(share),
         "ls_user_scenario": make_user_scenario(share),
         # The plugins' generic `lightning_synth` is replaced here by the worst-group headline (the GAN).
         "lightning_synth": make_lightning_synth(args.gan_steps, args.gan_width, args.gan_min_quality,
-                                                args.gan_class_check, share, args.gan_slice, not args.no_refit,
-                                                args.dfr_weight_decay),
+                                                args.gan_class_check, share, args.gan_slice, not args.no_refit),
     }
     methods = resolve_methods(args.methods or list(DEFAULT_METHODS), TASK, overrides)
     reference = make_datamodule(args)

@@ -19,6 +19,7 @@ from benchmarks.worst_group import (
     paired_differences,
     tint,
 )
+from lightning_synth.callbacks import SliceBalancedRefit
 from lightning_synth.generators.base import GenerationContext
 from lightning_synth.profile import WeaknessProfile
 
@@ -61,9 +62,11 @@ def test_paired_differences_need_two_shared_seeds() -> None:
 @pytest.mark.slow
 def test_worst_group_new_methods_smoke(tmp_path: Path) -> None:
     worst_group.main([*TINY, "--seeds", "0", "1", "--methods", "dfr", "recolour_uniform", "lightning_synth",
-                      "--gan-slice", "colour", "--results-dir", str(tmp_path)])
+                      "ls_no_gan", "--gan-slice", "colour", "--results-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "worst_group.json").read_text())
-    assert set(saved["summary"]) == {"dfr", "recolour_uniform", "lightning_synth", "lightning_synth_before_refit"}
+    assert set(saved["summary"]) == {"dfr", "recolour_uniform", "lightning_synth", "lightning_synth_before_refit",
+                                     "ls_no_gan"}
+    assert "gan_seconds" not in saved["runs"]["ls_no_gan"]["0"]["info"]
     run = saved["runs"]["lightning_synth"]["0"]
     before = saved["runs"]["lightning_synth_before_refit"]["0"]
     assert before["train_seconds"] == run["train_seconds"] and before["average"] != run["average"]
@@ -72,3 +75,18 @@ def test_worst_group_new_methods_smoke(tmp_path: Path) -> None:
     pairs = {(p["pair"], p["metric"]) for p in saved["paired"]}
     assert ("lightning_synth - dfr", "worst_decile") in pairs and all(p["n"] == 2 for p in saved["paired"])
     assert ("lightning_synth - lightning_synth_before_refit", "worst_group") in pairs
+    assert ("lightning_synth - ls_no_gan", "worst_group") in pairs
+
+
+def test_dfr_refits_plainly_and_the_ablations_use_the_library_refit() -> None:
+    dm = ColouredFashionMNISTDataModule(val_size=100, train_size=100, test_size=100, heldout_size=100)
+    dfr = worst_group.make_dfr(weight_decay=1e-5).make_callbacks(None, dm)  # type: ignore[arg-type]
+    [plain] = [c for c in dfr if isinstance(c, SliceBalancedRefit)]
+    assert (plain.dro_step_size, plain.weight_decay) == (0.0, 1e-5)
+    [library] = worst_group.make_erm_refit().make_callbacks(None, dm)  # type: ignore[arg-type]
+    default = SliceBalancedRefit([])
+    assert isinstance(library, SliceBalancedRefit)
+    assert (library.dro_step_size, library.uniform_floor, library.weight_decay) == (
+        default.dro_step_size, default.uniform_floor, default.weight_decay)
+    context = GenerationContext(torch.rand(4, 3, 28, 28), torch.arange(4), 10, torch.Generator())
+    assert len(worst_group.NoSamples().generate(WeaknessProfile(), 16, context)) == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -94,6 +95,10 @@ def test_bad_arguments_raise() -> None:
         SliceBalancedRefit(loader, weight_decay=-1.0)
     with pytest.raises(TypeError, match="`slice_key` must be"):
         SliceBalancedRefit(loader, slice_key="")
+    with pytest.raises(ValueError, match="`dro_step_size` must be in"):
+        SliceBalancedRefit(loader, dro_step_size=-0.1)
+    with pytest.raises(ValueError, match="`uniform_floor` must be in"):
+        SliceBalancedRefit(loader, uniform_floor=1.5)
 
 
 def test_cell_balanced_weights_give_every_cell_the_same_mass() -> None:
@@ -108,6 +113,36 @@ def test_fit_linear_head_folds_standardisation_back() -> None:
     y = (x[:, 2] > 50).long()
     w, b = fit_linear_head(x, y, torch.full((200,), 1 / 200), 2, steps=200, lr=0.1, weight_decay=0.0)
     assert float(((x @ w.T + b).argmax(1) == y).float().mean()) > 0.95
+
+
+def _hard_cell_problem() -> tuple[Tensor, Tensor, Tensor]:
+    """Cell 0 is class 0; class 1 has an easy cell (1, far on x0) and a hard one (2, on class 0's side of x0,
+    apart only on x1): weighing the cells the same, the fit leaves cells 0 and 2 worse than cell 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 2, generator=g)
+    cells = torch.arange(300) % 3
+    x[:, 0] += torch.tensor([-1.5, 1.5, -1.5])[cells]
+    x[:, 1] += torch.tensor([-0.7, 0.0, 0.7])[cells]
+    return x, (cells > 0).long(), cells
+
+
+def test_the_tilt_lifts_the_worst_cell_and_a_full_floor_is_plain() -> None:
+    x, y, cells = _hard_cell_problem()
+    weights = cell_balanced_weights(cells)
+
+    def fit(**tilt: float) -> tuple[float, float, tuple[Tensor, Tensor]]:
+        torch.manual_seed(0)
+        w, b = fit_linear_head(x, y, weights, 2, steps=300, lr=0.05, weight_decay=0.0, cells=cells, **tilt)
+        logits = x @ w.T + b
+        loss, correct = F.cross_entropy(logits, y, reduction="none"), (logits.argmax(1) == y).float()
+        worst_loss = max(float(loss[cells == c].mean()) for c in range(3))
+        return worst_loss, min(float(correct[cells == c].mean()) for c in range(3)), (w, b)
+
+    plain, tilted = fit(), fit(dro_step_size=0.1, uniform_floor=0.5)
+    assert tilted[0] < plain[0] - 0.1, (plain[0], tilted[0])  # the worst cell's loss
+    assert tilted[1] > plain[1] + 0.05, (plain[1], tilted[1])  # and its accuracy
+    for a, b in zip(fit(dro_step_size=0.1, uniform_floor=1.0)[2], plain[2]):  # the floor takes all the weight
+        assert torch.allclose(a, b)
 
 
 def test_refit_lifts_the_worst_cells_after_a_real_fit(tkw) -> None:
