@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import statistics
 import tempfile
@@ -683,6 +684,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dfr-weight-decay", type=float, default=1e-5,
                         help="DFR's L2 penalty (chosen on validation from 0, 1e-5, 1e-4, ..., 1e-1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="train nothing: pool the runs of these results files (e.g. more seeds of some methods) "
+                             "and write the table and paired intervals of the union")
     parser.add_argument("--gan-steps", type=int, default=300)
     parser.add_argument("--gan-width", type=int, default=16)
     parser.add_argument("--gan-min-quality", type=float, default=0.0)
@@ -805,6 +809,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet_lightning()
+    if args.merge:
+        runs, descriptions, commits = merge_runs(args.merge)
+        add_before_refit_rows(runs)
+        first = json.loads(Path(args.merge[0]).read_text())["config"]
+        return report(args, runs, descriptions, int(first["train_size_used"]), int(first["test_size_used"]),
+                      {"merged_from": [str(p) for p in args.merge], "merged_commits": commits})
     share = args.synthetic_share
     overrides = {
         "jtt": make_jtt(args.jtt_epochs, args.jtt_upweight),
@@ -841,6 +851,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if args.export_dir is not None and seed == args.seeds[0]:
                     export_torchscript(model, args.export_dir / f"{method.name}.pt")
     add_before_refit_rows(runs)
+    return report(args, runs, {m.name: m.description for m in methods}, train_size, len(reference.test_set))
+
+
+def merge_runs(paths: Sequence[Path]) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, str], list[str]]:
+    """The runs of several results files, pooled per method and seed (a seed of a method in two files is an
+    error); also the methods' descriptions and each file's ``commit``."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    descriptions: dict[str, str] = {}
+    commits = []
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        commits.append(str(saved.get("commit", "unknown")))
+        descriptions.update(saved.get("methods", {}))
+        for name, per_seed in saved["runs"].items():
+            if name.endswith("_before_refit"):
+                continue  # rebuilt from the method's own runs
+            for seed, run in per_seed.items():
+                if int(seed) in runs.setdefault(name, {}):
+                    raise ValueError(f"`--merge`: {name} seed {seed} is in more than one file")
+                runs[name][int(seed)] = run
+    return runs, descriptions, commits
+
+
+def report(
+    args: argparse.Namespace, runs: dict[str, dict[int, dict[str, Any]]], descriptions: Mapping[str, str],
+    train_size: int, test_size: int, extra_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Print the table and paired intervals of ``runs``; write ``worst_group.json`` and ``.png``."""
     summary = {
         name: {
             key: summarize([r[key] for r in per_seed.values()])
@@ -880,11 +918,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         | {
             "train_size_used": train_size,
-            "test_size_used": len(reference.test_set),
+            "test_size_used": test_size,
             "max_steps": make_context(args, 0, train_size, Path()).max_steps,
             "num_groups": LAYOUT.num_groups,
-        },
-        "methods": {m.name: m.description for m in methods},
+        } | dict(extra_config or {}),
+        "methods": dict(descriptions),
         "summary": summary,
         "paired": paired,
         "runs": runs,

@@ -90,3 +90,19 @@ def test_dfr_refits_plainly_and_the_ablations_use_the_library_refit() -> None:
         default.dro_step_size, default.uniform_floor, default.weight_decay)
     context = GenerationContext(torch.rand(4, 3, 28, 28), torch.arange(4), 10, torch.Generator())
     assert len(worst_group.NoSamples().generate(WeaknessProfile(), 16, context)) == 0
+
+
+@pytest.mark.slow
+def test_merge_pools_seeds_from_two_results_files(tmp_path: Path) -> None:
+    for seed in ("0", "1"):
+        worst_group.main([*TINY, "--seeds", seed, "--methods", "erm_refit", "dfr", "--results-dir",
+                          str(tmp_path / seed)])
+    merged = worst_group.main([*TINY, "--merge", str(tmp_path / "0" / "worst_group.json"),
+                               str(tmp_path / "1" / "worst_group.json"), "--results-dir", str(tmp_path / "all")])
+    saved = json.loads((tmp_path / "all" / "worst_group.json").read_text())
+    assert sorted(saved["runs"]["dfr"]) == ["0", "1"] and merged["config"]["merged_commits"]
+    [pair] = [p for p in saved["paired"] if p["pair"] == "erm_refit - dfr" and p["metric"] == "worst_group"]
+    assert pair["n"] == 2  # one seed from each file
+    with pytest.raises(ValueError, match="more than one file"):
+        worst_group.main([*TINY, "--merge", str(tmp_path / "0" / "worst_group.json"),
+                          str(tmp_path / "0" / "worst_group.json"), "--results-dir", str(tmp_path / "dup")])
