@@ -41,9 +41,6 @@ class PerturbationProber:
         probe_batch_size: images per probe forward (default: the size of the batch being probed).
         seed: seed of the probe perturbations.
         stages: fractions of the probe budget after which settled cells stop.
-        exact_top_k: a settled cell stops only once it cannot rank among the ``exact_top_k`` largest gaps of
-            the cells probed this pass (its upper bound below their ``exact_top_k``-th largest lower bound), so
-            the leading weaknesses are measured on the whole budget; 0 stops every settled cell.
         param_cache_bytes: probe parameters kept across passes (the probe subset does not change).
 
     Example:
@@ -71,14 +68,12 @@ class PerturbationProber:
         seed: int = 0,
         stages: Sequence[float] = (0.25, 0.5),
         param_cache_bytes: int = 256 * 2**20,
-        exact_top_k: int = 20,
     ) -> None:
         self.bank, self.severities = bank, tuple(severities)
         self.max_samples, self.frontier_threshold = max_samples, frontier_threshold
         self.full_sweep_every, self.sequential = full_sweep_every, sequential
         self.probe_batch_size, self.seed = probe_batch_size, seed
         self.stage_fractions, self.param_cache_bytes = tuple(stages), param_cache_bytes
-        self.exact_top_k = exact_top_k
         self._param_cache: dict[tuple[Any, ...], Params] = {}
         self._param_cache_size = 0
         # Decision state (identical on every rank: derived from counts summed over ranks)
@@ -223,20 +218,14 @@ class PerturbationProber:
         return scored
 
     def _sequential_stop(self, reduce_sum: ReduceFn) -> None:
-        """Stop cells whose gap's confidence interval lies on one side of the frontier threshold and, with
-        ``exact_top_k``, below the ``exact_top_k``-th largest lower bound of the cells probed (on counts summed
-        over ranks, so every rank stops the same cells)."""
+        """Stop cells whose gap's confidence interval lies on one side of the frontier threshold (on counts
+        summed over ranks, so every rank stops the same cells)."""
         if self.plan is None:
             return
         counts = reduce_sum(self.metric.counts().clone()).cpu()
         _, low, high = paired_gap_interval(counts[:, :, 1:])
-        measured = counts[1, :, 1:] > 0
         settled = (low > self.frontier_threshold) | (high < self.frontier_threshold)
-        if self.exact_top_k:
-            lows = low[measured].sort(descending=True).values
-            cut = float(lows[self.exact_top_k - 1]) if len(lows) >= self.exact_top_k else -math.inf
-            settled &= high < cut  # cannot be among the leading gaps
-        self.plan = self.plan & ~(settled & measured)
+        self.plan = self.plan & ~(settled & (counts[1, :, 1:] > 0))
 
     def _probe_params(self, op: Perturbation, shape: torch.Size, severity: int, seeds: Tensor) -> Params:
         """Per-sample probe parameters, cached across epochs: the probe subset is the same every analysis."""

@@ -59,9 +59,8 @@ class FailureModeCallback(Callback):
       than a level.
     - **Sequential.** The probe budget is spent in stages (a quarter, a half, all of ``max_samples``); a
       cell stops once the confidence interval of its gap (paired with the clean predictions of the same
-      samples) lies entirely on one side of ``frontier_threshold`` and below the lower bounds of the
-      ``exact_top_k`` leading cells (the cells that may rank among the leading weaknesses are measured on all
-      samples). Stage decisions use counts summed over ranks, so every rank decides alike.
+      samples) lies entirely on one side of ``frontier_threshold``. Stage decisions use counts summed over
+      ranks, so every rank decides alike.
     - **Batched.** Per validation batch, every active cell's perturbed copies are concatenated and scored
       in forwards of ``probe_batch_size``; per-sample parameters come from counter-based hashing of (seed,
       sample index), drawn in one vectorised call.
@@ -95,9 +94,6 @@ class FailureModeCallback(Callback):
             no more memory than validation).
         ignore_index: target value that marks a sample to leave out (as in ``cross_entropy``).
         value_range: the range and dtype of the inputs (default: detected from the first validation batch).
-        exact_top_k: with ``sequential``, a settled cell stops only once it cannot rank among the
-            ``exact_top_k`` largest perturbation gaps of the pass, so the leading weaknesses are measured on all
-            ``max_samples`` (their ranking then matches a full sweep's); 0 stops every settled cell.
 
     Raises:
         ValueError: if a number is out of range, a severity is not in ``1..5``, a perturbation is unknown or
@@ -151,7 +147,6 @@ class FailureModeCallback(Callback):
         probe_batch_size: int | None = None,
         ignore_index: int = -100,
         value_range: ValueRange | None = None,
-        exact_top_k: int = 20,
     ) -> None:
         super().__init__()
         self.bank = PerturbationBank(perturbations)
@@ -161,7 +156,6 @@ class FailureModeCallback(Callback):
         check_int("min_support", min_support, 1)
         check_int("max_groups", max_groups, 1)
         check_int("full_sweep_every", full_sweep_every, 1)
-        check_int("exact_top_k", exact_top_k, 0)
         check_int("ignore_index", ignore_index, -(2**62))
         if probe_batch_size is not None:
             check_int("probe_batch_size", probe_batch_size, 1)
@@ -191,7 +185,6 @@ class FailureModeCallback(Callback):
         self.slice_fn, self.logits_fn = slice_fn, logits_fn or _default_logits
         self.seed, self.verbose, self.pictures = seed, verbose, pictures
         self.full_sweep_every, self.sequential = full_sweep_every, sequential
-        self.exact_top_k = exact_top_k
         self.probe_batch_size, self.ignore_index = probe_batch_size, ignore_index
         self.value_range = value_range
         self.profile: WeaknessProfile | None = None
@@ -201,7 +194,6 @@ class FailureModeCallback(Callback):
         self.prober = PerturbationProber(
             self.bank, self.severities, max_samples, frontier_threshold, full_sweep_every, sequential,
             probe_batch_size, seed, stages=self.STAGES, param_cache_bytes=self.PARAM_CACHE_BYTES,
-            exact_top_k=exact_top_k,
         )
         self._tap = LogitsTap()
         self._warned_not_images = False
