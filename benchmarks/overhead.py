@@ -10,10 +10,11 @@ many samples per epoch as the real set has, so the epochs line up too), validati
 Configurations:
 
 - ``plain``: ``FashionMNISTDataModule`` and no callbacks: plain Lightning.
-- ``full``: ``SyntheticDataModule(dm)`` with its default generators (``TargetedAugmentation``,
-  ``ScenarioGenerator``) + ``FailureModeCallback()`` + ``AdaptiveSampling()``, all at their defaults (the
-  ``SynthesisCallback`` is added by the datamodule).
-- ``full_gan``: ``full`` plus ``ConditionalGANGenerator(ConditionalGAN(), train_steps=--gan-steps)``, the GAN
+- ``full``: ``SyntheticDataModule(dm)`` with its default generators (``TargetedAugmentation()`` alone) +
+  ``FailureModeCallback()`` + ``AdaptiveSampling()``, all at their defaults (the ``SynthesisCallback`` is added
+  by the datamodule).
+- ``full_gan``: ``full`` with ``TargetedAugmentation``, ``ScenarioGenerator`` and
+  ``ConditionalGANGenerator(ConditionalGAN(), train_steps=--gan-steps)``, the GAN
   trained in the loop before each refresh. Not in the default run: on 2 shared cores it costs more than the
   rest of the run (pass ``--configs plain full full_gan``).
 
@@ -71,9 +72,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "plain"
 CONFIGS: dict[str, str] = {
     "plain": "FashionMNISTDataModule, no callbacks (plain Lightning)",
-    "full": "SyntheticDataModule(dm) [TargetedAugmentation, ScenarioGenerator] + FailureModeCallback() "
+    "full": "SyntheticDataModule(dm) [default generators: TargetedAugmentation] + FailureModeCallback() "
             "+ AdaptiveSampling()",
-    "full_gan": "full + ConditionalGANGenerator(ConditionalGAN(), train_steps=--gan-steps)",
+    "full_gan": "full with [TargetedAugmentation, ScenarioGenerator, "
+                "ConditionalGANGenerator(ConditionalGAN(), train_steps=--gan-steps)]",
 }
 PHASES = ("analyzer", "generation", "sampling")
 
@@ -302,11 +304,16 @@ def system_facts(trainer: L.Trainer, dm: L.LightningDataModule) -> dict[str, Any
 
     analyzers = [c for c in trainer.callbacks if isinstance(c, FailureModeCallback)]  # type: ignore[attr-defined]
     if not isinstance(dm, SyntheticDataModule):
-        return {"analyses": 0, "generated": {}, "pool_size": 0, "callbacks": []}
+        return {"analyses": 0, "generated": {}, "pool_size": 0, "pool_mib": 0.0, "real_cache_mib": 0.0,
+                "real_cache_dtype": None, "callbacks": []}
     return {
         "analyses": sum(len(c.history) for c in analyzers),
         "generated": dict(dm.generated),
         "pool_size": len(dm.pool),
+        # what the system keeps in RAM beyond plain training (the rest of its peak is transient)
+        "pool_mib": dm.pool.nbytes / 2**20,
+        "real_cache_mib": dm.engine.real.pixels.nbytes / 2**20,
+        "real_cache_dtype": str(dm.engine.real.pixels.dtype).removeprefix("torch."),
         "callbacks": sorted(type(c).__name__ for c in trainer.callbacks  # type: ignore[attr-defined]
                             if type(c).__module__.startswith("lightning_synth")),
     }
@@ -399,6 +406,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
         entry["phases_ratio_to_plain"] = {p: s / med["fit_wall_s"] for p, s in entry["phases_s"].items()}
         for key in ("analyses", "generated", "pool_size", "callbacks", "steps", "val_batches"):
             entry[key] = results[-1][key]
+        for key in ("pool_mib", "real_cache_mib", "real_cache_dtype"):  # absent from results of older commits
+            entry[key] = results[-1].get(key)
         entry["val_acc"] = [r["val_acc"] for r in results]
         out[config] = entry
     return out

@@ -29,6 +29,12 @@ def test_paired_ratios_come_with_their_spread():
     assert "1.10x [1.00-1.30]" in overhead.table(overhead.summarize(runs))
 
 
+def test_the_memory_the_system_keeps_is_reported_beside_the_peak():
+    full = [dict(_run("full", 11.0, 110.0), pool_mib=10.2, real_cache_mib=6.1, real_cache_dtype="uint8")]
+    entry = overhead.summarize({"plain": [_run("plain", 10.0, 100.0)], "full": full})["full"]
+    assert (entry["pool_mib"], entry["real_cache_mib"], entry["real_cache_dtype"]) == (10.2, 6.1, "uint8")
+
+
 def test_names_and_repeats_are_checked():
     assert overhead.parse_args([]).repeats == 4
     assert overhead.parse_args(["--name", "overhead_10k"]).name == "overhead_10k"
