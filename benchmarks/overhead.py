@@ -95,6 +95,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch's default); 1 is faster and steadier on a shared box")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="diagnostic: run the workers with glibc's mmap threshold fixed at BYTES "
+                             "(MALLOC_MMAP_THRESHOLD_), so freed large buffers go back to the OS at once and the peak "
+                             "RSS follows live memory rather than the heap's retention (slows every fit)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="overhead", help="results file names: <name>.json and <name>.png")
     parser.add_argument("--worker", choices=list(CONFIGS), default=None, help=argparse.SUPPRESS)
@@ -114,6 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--name` must be letters, digits, '_' or '-', got {args.name!r}")
     if args.threads < 0:
         raise ValueError(f"`--threads` must be >= 0, got {args.threads}")
+    if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 0:
+        raise ValueError(f"`--malloc-mmap-threshold` must be >= 0, got {args.malloc_mmap_threshold}")
     if (args.worker is None) != (args.worker_out is None):
         raise ValueError("`--worker` and `--worker-out` go together")
     args.configs = [BASELINE, *(c for c in args.configs if c != BASELINE)]
@@ -345,8 +351,11 @@ def run_worker(config: str, args: argparse.Namespace, folder: Path, repeat: int)
     out = folder / f"{config}_{repeat}.json"
     command = [sys.executable, "-m", "benchmarks.overhead", "--worker", config, "--worker-out", str(out),
                *worker_argv(args)]
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"worker {config} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     result: dict[str, Any] = json.loads(out.read_text())
@@ -512,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "accelerator": "cpu", "train_size": args.train_size, "val_size": args.val_size,
                    "epochs": args.epochs, "max_steps": steps, "batch_size": args.batch_size,
                    "repeats": args.repeats, "seed": args.seed, "threads": args.threads or "torch default",
+                   "malloc_mmap_threshold": args.malloc_mmap_threshold,
                    "gan_steps": args.gan_steps if "full_gan" in args.configs else None,
                    "configs": {c: CONFIGS[c] for c in args.configs}, "phases": list(PHASES)},
         "results": results,

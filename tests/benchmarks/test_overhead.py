@@ -40,3 +40,6 @@ def test_names_and_repeats_are_checked():
     assert overhead.parse_args(["--name", "overhead_10k"]).name == "overhead_10k"
     with pytest.raises(ValueError, match="`--name` must be"):
         overhead.parse_args(["--name", "../x"])
+    assert overhead.parse_args(["--malloc-mmap-threshold", "131072"]).malloc_mmap_threshold == 131072
+    with pytest.raises(ValueError, match="`--malloc-mmap-threshold` must be >= 0"):
+        overhead.parse_args(["--malloc-mmap-threshold", "-1"])
