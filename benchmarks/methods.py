@@ -27,6 +27,7 @@ from lightning_synth.generators import (
     TargetedAugmentation,
 )
 from lightning_synth.generators.base import GenerationContext, SyntheticBatch
+from lightning_synth.irreducible import IrreducibleLoss
 from lightning_synth.perturbations import PerturbationBank, default_bank
 from lightning_synth.profile import WeaknessProfile
 
@@ -95,6 +96,7 @@ def lightning_synth_method(
     name: str, gan: bool = True, scenarios: bool = False, adaptive: bool = False, description: str = "",
     targeted: bool = True, consistency: bool = False, budget_fraction: float = 1 / 3, weight: float = 0.75,
     class_bias: float | None = None, floor: float | None = None, uniform_floor: float | None = None,
+    reducible: bool = False,
 ) -> Method:
     """A lightning_synth variant; every argument left at its default keeps the library's default.
 
@@ -109,6 +111,8 @@ def lightning_synth_method(
         weight: initial synthetic weight.
         class_bias, uniform_floor: ``TargetedAugmentation``'s (``None``: its defaults).
         floor: ``MixingChains``' uniform floor (``None``: its default).
+        reducible: with ``adaptive``, the sampler weighs reducible loss
+            (``AdaptiveSampling(irreducible=IrreducibleLoss(...))``, trained on the validation split).
     """
 
     def wrap(datamodule: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
@@ -148,7 +152,8 @@ def lightning_synth_method(
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
         out: list[Callback] = [analyzer(ctx)] if targeted else []
-        out.append(AdaptiveSampling(seed=ctx.seed))
+        irreducible = IrreducibleLoss(perturbations=bank_names(ctx), seed=ctx.seed) if reducible else None
+        out.append(AdaptiveSampling(seed=ctx.seed, irreducible=irreducible))
         if consistency and targeted:
             out.append(chains[ctx.seed])
         return out
