@@ -96,7 +96,7 @@ def lightning_synth_method(
     name: str, gan: bool = True, scenarios: bool = False, adaptive: bool = True, description: str = "",
     targeted: bool = True, consistency: bool = False, budget_fraction: float = 1 / 3, weight: float = 0.75,
     class_bias: float | None = None, floor: float | None = None, uniform_floor: float | None = None,
-    reducible: bool = False,
+    reducible: bool = False, untargeted_sampler: bool = False,
 ) -> Method:
     """A lightning_synth variant; every argument left at its default keeps the library's default.
 
@@ -112,6 +112,8 @@ def lightning_synth_method(
         weight: initial synthetic weight.
         class_bias, uniform_floor: ``TargetedAugmentation``'s (``None``: its defaults).
         floor: ``MixingChains``' uniform floor (``None``: its default).
+        untargeted_sampler: with ``targeted=False``, keep the loss-focused sampler (the ablation that leaves
+            only the profile's targeting out).
         reducible: with ``adaptive``, the sampler weighs reducible loss
             (``AdaptiveSampling(irreducible=IrreducibleLoss(...))``, trained on the validation split).
     """
@@ -125,7 +127,7 @@ def lightning_synth_method(
             kwargs["synthetic_budget"] = 0.5 if worst_group else budget_fraction
         if worst_group or weight != 0.75:
             kwargs["initial_synthetic_weight"] = 1.0 if worst_group else weight
-        if not (adaptive and targeted):  # the datamodule owns the sampler; its default focuses on losses
+        if not (adaptive and (targeted or untargeted_sampler)):  # the datamodule's sampler default focuses on losses
             kwargs["sampler_uniform_mix"] = 1.0
         generators = _generators(ctx, gan, scenarios, targeted, class_bias, uniform_floor)
         return SyntheticDataModule(datamodule, generators=generators, seed=ctx.seed, **kwargs)
@@ -206,6 +208,9 @@ VARIANTS: list[tuple[str, Callable[[], Method]]] = [
     ("uniform_share", lambda: lightning_synth_method(
         "uniform_share", gan=False, consistency=True, targeted=False,
         description="lightning_synth's pool, share, budget and JSD with the bank at random: no targeting")),
+    ("uniform_share_sampler", lambda: lightning_synth_method(
+        "uniform_share_sampler", gan=False, consistency=True, targeted=False, untargeted_sampler=True,
+        description="ablation: uniform_share with lightning_synth's loss-focused sampler (no profile targeting)")),
 ]
 
 for _name, _make in VARIANTS:

@@ -60,6 +60,8 @@ def test_lightning_synth_row_is_the_library_defaults(tmp_path):
     assert dm.engine.controller.settings.sampler_uniform_mix == default_mix
     share = build_method("uniform_share", "robustness").wrap_datamodule(DigitsDataModule(batch_size=128), ctx)
     assert share.engine.controller.settings.sampler_uniform_mix == 1.0  # the untargeted ablation draws uniformly
+    focused = build_method("uniform_share_sampler", "robustness").wrap_datamodule(DigitsDataModule(), ctx)
+    assert focused.engine.controller.settings.sampler_uniform_mix == default_mix  # only the profile left out
     assert method.make_module(ctx).consistency.floor == MixingChains().floor
 
 
