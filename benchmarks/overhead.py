@@ -10,10 +10,11 @@ many samples per epoch as the real set has, so the epochs line up too), validati
 Configurations:
 
 - ``plain``: ``FashionMNISTDataModule`` and no callbacks: plain Lightning.
-- ``full``: ``SyntheticDataModule(dm)`` with its default generators (``TargetedAugmentation``,
-  ``ScenarioGenerator``) + ``FailureModeCallback()`` + ``AdaptiveSampling()``, all at their defaults (the
-  ``SynthesisCallback`` is added by the datamodule).
-- ``full_gan``: ``full`` plus ``ConditionalGANGenerator(ConditionalGAN(), train_steps=--gan-steps)``, the GAN
+- ``full``: ``SyntheticDataModule(dm)`` with its default generators (``TargetedAugmentation()`` alone) +
+  ``FailureModeCallback()`` + ``AdaptiveSampling()``, all at their defaults (the ``SynthesisCallback`` is added
+  by the datamodule).
+- ``full_gan``: ``full`` with ``TargetedAugmentation``, ``ScenarioGenerator`` and
+  ``ConditionalGANGenerator(ConditionalGAN(), train_steps=--gan-steps)``, the GAN
   trained in the loop before each refresh. Not in the default run: on 2 shared cores it costs more than the
   rest of the run (pass ``--configs plain full full_gan``).
 
@@ -71,9 +72,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "plain"
 CONFIGS: dict[str, str] = {
     "plain": "FashionMNISTDataModule, no callbacks (plain Lightning)",
-    "full": "SyntheticDataModule(dm) [TargetedAugmentation, ScenarioGenerator] + FailureModeCallback() "
+    "full": "SyntheticDataModule(dm) [default generators: TargetedAugmentation] + FailureModeCallback() "
             "+ AdaptiveSampling()",
-    "full_gan": "full + ConditionalGANGenerator(ConditionalGAN(), train_steps=--gan-steps)",
+    "full_gan": "full with [TargetedAugmentation, ScenarioGenerator, "
+                "ConditionalGANGenerator(ConditionalGAN(), train_steps=--gan-steps)]",
 }
 PHASES = ("analyzer", "generation", "sampling")
 
@@ -93,6 +95,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch's default); 1 is faster and steadier on a shared box")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="diagnostic: run the workers with glibc's mmap threshold fixed at BYTES "
+                             "(MALLOC_MMAP_THRESHOLD_), so freed large buffers go back to the OS at once and the peak "
+                             "RSS follows live memory rather than the heap's retention (slows every fit)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="overhead", help="results file names: <name>.json and <name>.png")
     parser.add_argument("--worker", choices=list(CONFIGS), default=None, help=argparse.SUPPRESS)
@@ -112,6 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--name` must be letters, digits, '_' or '-', got {args.name!r}")
     if args.threads < 0:
         raise ValueError(f"`--threads` must be >= 0, got {args.threads}")
+    if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 0:
+        raise ValueError(f"`--malloc-mmap-threshold` must be >= 0, got {args.malloc_mmap_threshold}")
     if (args.worker is None) != (args.worker_out is None):
         raise ValueError("`--worker` and `--worker-out` go together")
     args.configs = [BASELINE, *(c for c in args.configs if c != BASELINE)]
@@ -302,11 +310,16 @@ def system_facts(trainer: L.Trainer, dm: L.LightningDataModule) -> dict[str, Any
 
     analyzers = [c for c in trainer.callbacks if isinstance(c, FailureModeCallback)]  # type: ignore[attr-defined]
     if not isinstance(dm, SyntheticDataModule):
-        return {"analyses": 0, "generated": {}, "pool_size": 0, "callbacks": []}
+        return {"analyses": 0, "generated": {}, "pool_size": 0, "pool_mib": 0.0, "real_cache_mib": 0.0,
+                "real_cache_dtype": None, "callbacks": []}
     return {
         "analyses": sum(len(c.history) for c in analyzers),
         "generated": dict(dm.generated),
         "pool_size": len(dm.pool),
+        # what the system keeps in RAM beyond plain training (the rest of its peak is transient)
+        "pool_mib": dm.pool.nbytes / 2**20,
+        "real_cache_mib": dm.engine.real.pixels.nbytes / 2**20,
+        "real_cache_dtype": str(dm.engine.real.pixels.dtype).removeprefix("torch."),
         "callbacks": sorted(type(c).__name__ for c in trainer.callbacks  # type: ignore[attr-defined]
                             if type(c).__module__.startswith("lightning_synth")),
     }
@@ -338,8 +351,11 @@ def run_worker(config: str, args: argparse.Namespace, folder: Path, repeat: int)
     out = folder / f"{config}_{repeat}.json"
     command = [sys.executable, "-m", "benchmarks.overhead", "--worker", config, "--worker-out", str(out),
                *worker_argv(args)]
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"worker {config} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     result: dict[str, Any] = json.loads(out.read_text())
@@ -399,6 +415,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
         entry["phases_ratio_to_plain"] = {p: s / med["fit_wall_s"] for p, s in entry["phases_s"].items()}
         for key in ("analyses", "generated", "pool_size", "callbacks", "steps", "val_batches"):
             entry[key] = results[-1][key]
+        for key in ("pool_mib", "real_cache_mib", "real_cache_dtype"):  # absent from results of older commits
+            entry[key] = results[-1].get(key)
         entry["val_acc"] = [r["val_acc"] for r in results]
         out[config] = entry
     return out
@@ -503,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "accelerator": "cpu", "train_size": args.train_size, "val_size": args.val_size,
                    "epochs": args.epochs, "max_steps": steps, "batch_size": args.batch_size,
                    "repeats": args.repeats, "seed": args.seed, "threads": args.threads or "torch default",
+                   "malloc_mmap_threshold": args.malloc_mmap_threshold,
                    "gan_steps": args.gan_steps if "full_gan" in args.configs else None,
                    "configs": {c: CONFIGS[c] for c in args.configs}, "phases": list(PHASES)},
         "results": results,

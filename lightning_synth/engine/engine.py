@@ -87,7 +87,8 @@ class SynthesisEngine:
         max_pool_samples: pool capacity; ``None``: twice the resolved budget.
         max_pool_bytes: pool capacity in bytes of the pixel cache, ``None`` for no byte bound.
         eviction: which samples leave a full pool first (``"learned"``: the lowest recent training loss).
-        real_cache_size: real training samples kept on hand for generators to transform.
+        real_cache_size: real training samples kept on hand for generators to transform (as uint8 levels when
+            the data are of 8-bit origin: lossless, a quarter of float32's memory).
         min_generator_share: budget floor per generator when the budget follows sampler mass.
         initial_synthetic_weight: multiplier of the synthetic share before any feedback (0.75: chosen on
             the robustness benchmark's validation corruptions).
@@ -211,7 +212,8 @@ class SynthesisEngine:
 
     @property
     def real(self) -> RealCache:
-        """The real cache (read on first use): a seeded sample of the real set, mapped to [0, 1]."""
+        """The real cache (read on first use): a seeded sample of the real set, mapped to [0, 1] (kept as uint8
+        levels when the data are of 8-bit origin, losslessly; see :class:`RealCache`)."""
         if self._real is None:
             if self._real_sample is None:
                 raise RuntimeError("SynthesisEngine needs real data: call `bind(num_real, real_sample)` first")
@@ -219,8 +221,8 @@ class SynthesisEngine:
             index = torch.randperm(self.num_real, generator=torch.Generator().manual_seed(self.seed))[:n]
             inputs, targets = self._real_sample(index)
             value_range = ValueRange.detect(inputs)  # NaN in the user's data is reported as the user's data
-            self._real = RealCache(value_range.to_unit(inputs).float(), targets.long(), index, value_range,
-                                   int(targets.max()) + 1)
+            self._real = RealCache.build(value_range.to_unit(inputs), targets.long(), index, value_range,
+                                         int(targets.max()) + 1)
         return self._real
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -265,13 +267,16 @@ class SynthesisEngine:
         report = report or RefreshReport()
         report.budgets = self.budgets()
         profile_json = profile.to_json()
+        real: RealCache | None = None  # float32 for this refresh's calls only (the cache may keep uint8)
         for gi, generator in enumerate(self.generators):
             budget = report.budgets.get(generator.name, 0)
             for ci, start in enumerate(range(0, budget, self.chunk_size)):
                 shares = rank_shares(min(self.chunk_size, budget - start), comm.world_size)
                 parts = [[part_seed(self.seed, context.epoch, gi, ci, r), s] for r, s in enumerate(shares)]
                 seed, share = parts[comm.rank]
-                local = run_part(generator, profile, share, seed, self.real, context.device, context.epoch,
+                if real is None:
+                    real = self.real.unpacked()
+                local = run_part(generator, profile, share, seed, real, context.device, context.epoch,
                                  context.task_model)
                 batch = concat(comm.gather_objects(local), generator.name)
                 if batch is None:
@@ -328,13 +333,16 @@ class SynthesisEngine:
         """Re-make the pixels of a pool loaded from a checkpoint by replaying its recipes; returns how many
         recipes were replayed (each rank replays all of them: no communication)."""
         pending = self.pool.pending_recipes()
+        if not pending:
+            return 0
         by_name = {g.name: g for g in self.generators}
+        real = self.real.unpacked()
         for chunk, recipe in pending.items():
             generator = by_name.get(recipe["generator"])
             if generator is None:
                 raise ValueError(f"the checkpoint's pool holds samples of generator {recipe['generator']!r}, which "
                                  f"this run does not have (generators: {sorted(by_name)})")
-            batch = replay(recipe, generator, self.real, context.device, context.task_model)
+            batch = replay(recipe, generator, real, context.device, context.task_model)
             if batch is None:
                 raise ValueError(f"replaying generator {recipe['generator']!r}'s recipe {chunk} gave no samples")
             self.pool.restore_chunk(chunk, batch)

@@ -9,7 +9,7 @@ recipe), which is how the pool is checkpointed without pixels.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,19 +28,65 @@ _MASK = 2**62 - 1
 class RealCache:
     """A seeded sample of the real training set, mapped to [0, 1], that generators transform.
 
+    Images of 8-bit origin (every value ``k / 255`` exactly, as uint8 data or ``uint8 / 255`` floats map to)
+    are kept as their uint8 levels, a quarter of float32's memory and lossless: :attr:`inputs` gives back the
+    very same float32 values. Other data are kept as float32.
+
     Attributes:
-        inputs: ``(M, ...)`` float inputs in [0, 1].
+        pixels: ``(M, ...)`` the stored inputs: uint8 levels (``inputs * 255``) or float32 in [0, 1].
         targets: ``(M,)`` int64 labels.
         index: ``(M,)`` the dataset index of each row.
         value_range: the user's input range and dtype (to map synthetic samples back).
         num_classes: ``max(targets) + 1``.
+
+    Example:
+        >>> unit = torch.arange(256, dtype=torch.uint8).view(4, 1, 8, 8).float() / 255
+        >>> cache = RealCache.build(unit, torch.arange(4), torch.arange(4), ValueRange(), 4)
+        >>> cache.pixels.dtype, torch.equal(cache.inputs, unit)
+        (torch.uint8, True)
+        >>> RealCache.build(unit + 1e-4, torch.arange(4), torch.arange(4), ValueRange(), 4).pixels.dtype
+        torch.float32
     """
 
-    inputs: Tensor
+    pixels: Tensor
     targets: Tensor
     index: Tensor
     value_range: ValueRange
     num_classes: int
+
+    @classmethod
+    def build(cls, inputs: Tensor, targets: Tensor, index: Tensor, value_range: ValueRange,
+              num_classes: int) -> RealCache:
+        """A cache of ``inputs`` (float in [0, 1]), stored as uint8 levels when that is lossless."""
+        return cls(_as_levels(inputs.float()), targets, index, value_range, num_classes)
+
+    @property
+    def inputs(self) -> Tensor:
+        """``(M, ...)`` float32 inputs in [0, 1] (a fresh copy when the pixels are stored as uint8)."""
+        return self.pixels if self.pixels.is_floating_point() else _from_levels(self.pixels)
+
+    def unpacked(self) -> RealCache:
+        """This cache with float32 pixels, for a run of generation calls that all read :attr:`inputs`."""
+        return self if self.pixels.is_floating_point() else replace(self, pixels=self.inputs)
+
+
+def _from_levels(levels: Tensor) -> Tensor:
+    return levels.float() / 255
+
+
+def _as_levels(inputs: Tensor, rows: int = 1024) -> Tensor:
+    """``inputs`` as uint8 levels when every value is exactly ``k / 255`` in float32, else ``inputs`` itself
+    (checked in blocks of ``rows``, so the check adds little memory)."""
+    levels = torch.empty(inputs.shape, dtype=torch.uint8)
+    for start in range(0, len(inputs), rows):
+        block = inputs[start:start + rows]
+        if not bool(((block >= 0) & (block <= 1)).all()):
+            return inputs
+        level = (block * 255).round_().to(torch.uint8)
+        if not torch.equal(_from_levels(level), block):
+            return inputs
+        levels[start:start + rows] = level
+    return levels
 
 
 def part_seed(seed: int, epoch: int, generator_index: int, chunk: int, rank: int) -> int:

@@ -29,8 +29,17 @@ def test_paired_ratios_come_with_their_spread():
     assert "1.10x [1.00-1.30]" in overhead.table(overhead.summarize(runs))
 
 
+def test_the_memory_the_system_keeps_is_reported_beside_the_peak():
+    full = [dict(_run("full", 11.0, 110.0), pool_mib=10.2, real_cache_mib=6.1, real_cache_dtype="uint8")]
+    entry = overhead.summarize({"plain": [_run("plain", 10.0, 100.0)], "full": full})["full"]
+    assert (entry["pool_mib"], entry["real_cache_mib"], entry["real_cache_dtype"]) == (10.2, 6.1, "uint8")
+
+
 def test_names_and_repeats_are_checked():
     assert overhead.parse_args([]).repeats == 4
     assert overhead.parse_args(["--name", "overhead_10k"]).name == "overhead_10k"
     with pytest.raises(ValueError, match="`--name` must be"):
         overhead.parse_args(["--name", "../x"])
+    assert overhead.parse_args(["--malloc-mmap-threshold", "131072"]).malloc_mmap_threshold == 131072
+    with pytest.raises(ValueError, match="`--malloc-mmap-threshold` must be >= 0"):
+        overhead.parse_args(["--malloc-mmap-threshold", "-1"])

@@ -1,6 +1,7 @@
 """The engine without a Trainer: refresh, chunks, validation of generator output, weighting, state."""
 
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -220,3 +221,61 @@ def test_a_stateful_generator_keeps_its_pixels_in_the_checkpoint():
     again.restore(EpochContext(epoch=1))
     assert all(torch.equal(again.pool[i][0], engine.pool[i][0]) for i in range(len(engine.pool)))
     assert again.generators[0].calls == 1
+
+
+def _pool_pixels(engine):
+    return torch.stack([engine.pool[i][0] for i in range(len(engine.pool))])
+
+
+@pytest.mark.parametrize("origin", ["uint8", "float_over_255"])
+def test_real_cache_of_8bit_data_is_kept_as_uint8_and_round_trips_exactly(origin):
+    levels = torch.randint(0, 256, (N_REAL, 1, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    data = levels if origin == "uint8" else levels.float() / 255  # as Fashion-MNIST is loaded
+    targets = torch.arange(N_REAL) % 10
+    seen = []
+
+    class Spy(TargetedAugmentation):
+        def generate(self, profile, budget, context):
+            seen.append(context.real_inputs)
+            return super().generate(profile, budget, context)
+
+    engine = SynthesisEngine([Spy()], synthetic_budget=64, real_cache_size=100, chunk_size=16)
+    engine.bind(N_REAL, lambda index: (data[index], targets[index]))
+    engine.epoch_start(None, EpochContext(epoch=0), LocalComm())
+    real = engine.real
+    assert real.pixels.dtype == torch.uint8 and real.pixels.nbytes == 100 * 64  # a quarter of float32
+    expected = levels[real.index].float() / 255  # what the cache held as float32 before
+    assert real.inputs.dtype == torch.float32 and torch.equal(real.inputs, expected)
+    assert len(seen) == 4 and all(torch.equal(s, expected) for s in seen)  # every chunk sees the exact values
+    assert seen[0] is seen[-1]  # decoded once per refresh, not per chunk
+
+
+def test_a_uint8_real_cache_changes_no_sample_and_replays_identically():
+    levels = torch.randint(0, 256, (N_REAL, 1, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    data, targets = levels.float() / 255, torch.arange(N_REAL) % 10
+    pools, engines = [], []
+    for exact_copy in (False, True):
+        engine = SynthesisEngine([TargetedAugmentation()], synthetic_budget=64, real_cache_size=100,
+                                 max_pool_samples=100)
+        engine.bind(N_REAL, lambda index: (data[index], targets[index]))
+        if exact_copy:  # the former float32 cache, for comparison
+            engine._real = replace(engine.real, pixels=engine.real.inputs)
+        assert engine.real.pixels.dtype == (torch.float32 if exact_copy else torch.uint8)
+        for epoch in range(2):
+            engine.epoch_start(profile() if epoch else None, EpochContext(epoch=epoch), LocalComm())
+        pools.append(_pool_pixels(engine))
+        engines.append(engine)
+    assert torch.equal(pools[0], pools[1])
+    again = SynthesisEngine([TargetedAugmentation()], synthetic_budget=64, real_cache_size=100, max_pool_samples=100)
+    again.load_state_dict(pickle.loads(pickle.dumps(engines[0].state_dict())))
+    again.bind(N_REAL, lambda index: (data[index], targets[index]))
+    assert again.restore(EpochContext(epoch=2)) > 0
+    assert again.real.pixels.dtype == torch.uint8 and torch.equal(_pool_pixels(again), pools[0])
+
+
+def test_real_cache_of_other_data_stays_float32():
+    engine = make_engine()  # torch.rand: not multiples of 1/255
+    engine.epoch_start(None, EpochContext(epoch=0), LocalComm())
+    inputs, _ = real_data()
+    assert engine.real.pixels.dtype == torch.float32
+    assert torch.equal(engine.real.inputs, inputs[engine.real.index]) and engine.real.inputs is engine.real.pixels
