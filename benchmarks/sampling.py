@@ -1,6 +1,6 @@
-# Run:   python benchmarks/sampling.py        (20k-sample subset, 3 epochs, 2 seeds: ~5 min on 2 busy CPU cores)
+# Run:   python benchmarks/sampling.py        (20k-sample subset, 3 epochs, 2 seeds: ~8 min on 2 busy CPU cores)
 # Quick: python benchmarks/sampling.py --epochs 2 --train-size 4000 --seeds 0 --out /tmp/sampling.json
-"""Uniform vs adaptive sampling on Fashion-MNIST with a small CNN, side by side in one run.
+"""Uniform vs adaptive vs reducible-loss sampling on Fashion-MNIST with a small CNN, side by side in one run.
 
 For each seed both runs start from the same weights, see the same number of steps and, in the first epoch,
 the same batches: the uniform baseline reshuffles each epoch exactly as the adaptive sampler draws while all
@@ -8,8 +8,10 @@ weights are still equal, so the curves part only when adaptive weights first app
 to reach each target test accuracy (probed every ``--eval-every`` steps on a fixed test subset, mean of the
 last ``--smooth`` probes), final accuracy (that subset and the full 10k test set), training wall time without
 the probes, the wall-time ratio adaptive / uniform, and the time spent inside the callback's hooks and the
-sampler's draws. Writes ``benchmarks/results/sampling.json`` and prints a table. Wall times on a shared
-machine are noisy; the in-callback share is the steadier overhead figure.
+sampler's draws. ``reducible`` is ``adaptive`` scoring loss minus an irreducible loss (RHO-LOSS): its
+:class:`~lightning_synth.irreducible.IrreducibleLoss` model trains on ``--holdout-size`` training images outside
+the subset, at fit start (counted in its callback time). Writes ``benchmarks/results/sampling.json`` and prints a
+table. Wall times on a shared machine are noisy; the in-callback share is the steadier overhead figure.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from benchmarks.common import write_json
 from lightning_synth.callbacks.adaptive_sampling import AdaptiveSampling
 from lightning_synth.data.sampler import systematic_draw
 from lightning_synth.datasets import load_fashion_mnist
+from lightning_synth.irreducible import IrreducibleLoss
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sampling.json"
 
@@ -113,6 +116,7 @@ class TimedAdaptiveSampling(AdaptiveSampling):
 
         return hook
 
+    on_train_start = _timed("on_train_start")
     on_train_batch_start = _timed("on_train_batch_start")
     on_train_batch_end = _timed("on_train_batch_end")
     on_train_epoch_start = _timed("on_train_epoch_start")
@@ -134,22 +138,30 @@ def run(method: str, seed: int, data: dict[str, Tensor], args: argparse.Namespac
     L.seed_everything(seed, verbose=False)
     model = SmallCNN(args.lr)
     train = TensorDataset(data["train_x"], data["train_y"])
-    if method == "uniform":
-        loader = DataLoader(train, batch_size=args.batch_size, sampler=SeededShuffle(len(train), seed))
-    else:  # a plain shuffling loader: the callback installs its sampler
-        loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
+    sampler = SeededShuffle(len(train), seed) if method == "uniform" else None
+    # otherwise a plain shuffling loader: the callback installs its sampler
+    datamodule = L.LightningDataModule.from_datasets(
+        train_dataset=train, val_dataset=TensorDataset(data["holdout_x"], data["holdout_y"]),
+        batch_size=args.batch_size,
+    )
+    datamodule.train_dataloader = lambda: DataLoader(  # type: ignore[method-assign]
+        train, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None
+    )
     probe = AccuracyProbe(data["probe_x"], data["probe_y"], args.eval_every)
     callbacks: list[Callback] = [probe]
     sampling = None
-    if method == "adaptive":
-        sampling = TimedAdaptiveSampling(temperature=args.temperature, uniform_mix=args.uniform_mix, log_stats=False)
+    if method != "uniform":
+        irreducible = IrreducibleLoss(seed=seed) if method == "reducible" else None
+        sampling = TimedAdaptiveSampling(temperature=args.temperature, uniform_mix=args.uniform_mix, log_stats=False,
+                                         irreducible=irreducible)
         callbacks.append(sampling)
     trainer = L.Trainer(
         max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir="/tmp/lightning_synth_bench",
+        limit_val_batches=0,
     )  # fmt: skip
     start = time.perf_counter()
-    trainer.fit(model, train_dataloaders=loader)
+    trainer.fit(model, datamodule=datamodule)
     wall = time.perf_counter() - start
     result: dict[str, Any] = {
         "steps": trainer.global_step,
@@ -181,25 +193,29 @@ def summarize(runs: dict[str, list[dict[str, Any]]], targets: list[float]) -> di
             row[f"steps_to_{t:.2f}"] = statistics.mean(reached) if reached else None
             row[f"seeds_reaching_{t:.2f}"] = f"{len(reached)}/{len(results)}"
         summary[method] = row
-    summary["overhead"] = {
-        "wall_time_ratio": summary["adaptive"]["train_seconds"] / summary["uniform"]["train_seconds"],
-        "callback_share_of_train_time": statistics.mean(
-            r["callback_seconds"] / r["train_seconds"] for r in runs["adaptive"]
-        ),
-    }
-    # per seed and target: wherever uniform got there, adaptive got there too, in no more steps
-    summary["adaptive_not_slower_to_targets"] = all(
-        u is None or (a is not None and a <= u)
-        for ra, ru in zip(runs["adaptive"], runs["uniform"], strict=True)
-        for a, u in zip(ra["steps_to"].values(), ru["steps_to"].values(), strict=True)
-    )
+    for method in runs:
+        if method == "uniform":
+            continue
+        summary[f"overhead_{method}"] = {
+            "wall_time_ratio": summary[method]["train_seconds"] / summary["uniform"]["train_seconds"],
+            "callback_share_of_train_time": statistics.mean(
+                r["callback_seconds"] / r["train_seconds"] for r in runs[method]
+            ),
+        }
+        # per seed and target: wherever uniform got there, this method got there too, in no more steps
+        summary[f"{method}_not_slower_to_targets"] = all(
+            u is None or (a is not None and a <= u)
+            for ra, ru in zip(runs[method], runs["uniform"], strict=True)
+            for a, u in zip(ra["steps_to"].values(), ru["steps_to"].values(), strict=True)
+        )
     return summary
 
 
 def print_table(summary: dict[str, Any], targets: list[float]) -> None:
     header = ["method", *[f"steps→{t:.2f}" for t in targets], "final acc probe/10k", "last-5 probes", "train s"]
     print(" | ".join(f"{h:>19}" for h in header))
-    for method in ("uniform", "adaptive"):
+    methods = [m for m in summary if not m.startswith(("overhead_", "adaptive_not", "reducible_not"))]
+    for method in methods:
         row = summary[method]
         cells = [method]
         for t in targets:
@@ -211,12 +227,13 @@ def print_table(summary: dict[str, Any], targets: list[float]) -> None:
             f"{row['train_seconds']:.1f}",
         ]
         print(" | ".join(f"{c:>19}" for c in cells))
-    overhead = summary["overhead"]
-    print(
-        f"wall-time ratio adaptive/uniform: {overhead['wall_time_ratio']:.3f}; time inside the callback and draws: "
-        f"{100 * overhead['callback_share_of_train_time']:.2f}% of adaptive training time; adaptive not slower to "
-        f"any target on any seed: {summary['adaptive_not_slower_to_targets']}"
-    )
+    for method in methods[1:]:
+        overhead = summary[f"overhead_{method}"]
+        print(
+            f"{method}: wall-time ratio to uniform {overhead['wall_time_ratio']:.3f}; time inside the callback and "
+            f"draws: {100 * overhead['callback_share_of_train_time']:.2f}% of its training time; not slower to any "
+            f"target on any seed: {summary[f'{method}_not_slower_to_targets']}"
+        )
 
 
 def warm_up(data: dict[str, Tensor], args: argparse.Namespace) -> None:
@@ -227,18 +244,19 @@ def warm_up(data: dict[str, Tensor], args: argparse.Namespace) -> None:
         "train_x": data["train_x"][: 4 * args.batch_size],
         "train_y": data["train_y"][: 4 * args.batch_size],
     }
-    for method in ("uniform", "adaptive"):
+    for method in args.methods:
         run(method, 0, small, quick)
 
 
 def load_data(args: argparse.Namespace) -> dict[str, Tensor]:
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
-    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1234))[: args.train_size]
+    shuffled = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1234))
+    order, holdout = shuffled[: args.train_size], shuffled[args.train_size : args.train_size + args.holdout_size]
     probe = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(4321))[: args.test_size]
     return {
         "train_x": train_x[order], "train_y": train_y[order], "probe_x": test_x[probe], "probe_y": test_y[probe],
-        "test_x": test_x, "test_y": test_y,
+        "test_x": test_x, "test_y": test_y, "holdout_x": train_x[holdout], "holdout_y": train_y[holdout],
     }  # fmt: skip
 
 
@@ -255,6 +273,10 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.82, 0.84, 0.86])
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--uniform-mix", type=float, default=0.2)
+    parser.add_argument("--methods", nargs="+", default=["uniform", "adaptive", "reducible"],
+                        choices=["uniform", "adaptive", "reducible"], help="uniform must come first")
+    parser.add_argument("--holdout-size", type=int, default=2_000,
+                        help="training images outside the subset that reducible's irreducible-loss model trains on")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU, 2 threads spin)"
     )
@@ -263,7 +285,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = load_data(args)
     warm_up(data, args)
-    runs: dict[str, list[dict[str, Any]]] = {"uniform": [], "adaptive": []}
+    if args.methods[0] != "uniform":
+        parser.error("`--methods` must start with uniform (the reference of every ratio)")
+    runs: dict[str, list[dict[str, Any]]] = {method: [] for method in args.methods}
     for seed in args.seeds:
         for method in runs:
             runs[method].append(run(method, seed, data, args))

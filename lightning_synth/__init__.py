@@ -14,6 +14,7 @@ from lightning_synth.generators import (
     SyntheticGenerator,
     TargetedAugmentation,
 )
+from lightning_synth.irreducible import IrreducibleLoss
 from lightning_synth.perturbations import Perturbation, PerturbationBank, default_bank, register_perturbation
 from lightning_synth.profile import Weakness, WeaknessProfile
 
@@ -27,6 +28,7 @@ __all__ = [
     "ConditionalGAN",
     "ConditionalGANGenerator",
     "FailureModeCallback",
+    "IrreducibleLoss",
     "MixingChains",
     "Perturbation",
     "PerturbationBank",

@@ -65,8 +65,8 @@ class SyntheticDataModule(L.LightningDataModule):
         max_synthetic_weight: upper bound of the synthetic weight.
         plateau_patience: epochs without progress on synthetic data before the weight is lowered.
         sampler_temperature: temperature of the adaptive sampler (``1e6`` makes it uniform).
-        sampler_uniform_mix: share of sampler mass spread uniformly (default 1: no loss focusing, see
-            :class:`~lightning_synth.engine.SynthesisEngine`).
+        sampler_uniform_mix: share of sampler mass spread uniformly (default 0.2: the rest follows each
+            sample's loss; 1 draws uniformly; see :class:`~lightning_synth.engine.SynthesisEngine`).
         batch_adapter: how to read your samples (see :class:`~lightning_synth.batch.BatchAdapter`).
         seed: seed of generation and sampling.
         serve_api: serve the HTTP control API on global rank 0 while training.
@@ -103,7 +103,7 @@ class SyntheticDataModule(L.LightningDataModule):
         max_synthetic_weight: float = 2.0,
         plateau_patience: int = 2,
         sampler_temperature: float = 2.0,
-        sampler_uniform_mix: float = 1.0,
+        sampler_uniform_mix: float = 0.2,
         batch_adapter: BatchAdapter | Callable[[Any], Any] | None = None,
         seed: int = 0,
         serve_api: bool = False,

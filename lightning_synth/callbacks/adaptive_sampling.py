@@ -28,6 +28,7 @@ from lightning_synth.callbacks._hooks import Pairs, batch_tensor, empty_pairs, f
 from lightning_synth.data.loader import rebuild_loader
 from lightning_synth.data.sampler import AdaptiveSampler
 from lightning_synth.engine.comm import StrategyComm
+from lightning_synth.irreducible import IrreducibleLoss
 
 __all__ = ["PER_SAMPLE_LOSS_KEY", "AdaptiveSampling"]
 
@@ -63,6 +64,8 @@ class AdaptiveSampling(Callback):
         install_sampler: rebuild the train DataLoader with an ``AdaptiveSampler`` when it has none;
             if False such a DataLoader is an error.
         log_stats: log :meth:`AdaptiveSampler.stats` as ``adaptive_sampling/<key>`` at each epoch end.
+        irreducible: reducible-loss sampling (RHO-LOSS): trained on the datamodule's ``val_dataloader()`` at fit
+            start; a score is then the loss *minus* the sample's loss under it (see :class:`IrreducibleLoss`).
 
     Attributes:
         sampler: the :class:`AdaptiveSampler` in use (``None`` before ``fit``).
@@ -93,12 +96,12 @@ class AdaptiveSampling(Callback):
         normalize: Literal["batch", "none"] = "batch",
         install_sampler: bool = True,
         log_stats: bool = True,
+        irreducible: IrreducibleLoss | None = None,
     ) -> None:
         AdaptiveSampler._check_config(2.0 if temperature is None else temperature,
                                       0.2 if uniform_mix is None else uniform_mix, ema_decay, prior, "systematic")
-        if num_samples is not None and (
-            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
-        ):
+        bad_count = isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+        if num_samples is not None and bad_count:
             raise ValueError(f"`num_samples` must be an integer >= 1 or None, got {num_samples!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
@@ -106,35 +109,26 @@ class AdaptiveSampling(Callback):
             raise TypeError(f"`loss_fn` must be a callable (logits, targets) -> losses or None, got {loss_fn!r}")
         if normalize not in ("batch", "none"):
             raise ValueError(f"`normalize` must be 'batch' or 'none', got {normalize!r}")
+        if irreducible is not None and not isinstance(irreducible, IrreducibleLoss):
+            raise TypeError(f"`irreducible` must be an IrreducibleLoss or None, got {type(irreducible).__name__}")
         if capture_module is not None and (not isinstance(capture_module, str) or not capture_module):
             raise ValueError(f"`capture_module` must be a non-empty submodule name or None, got {capture_module!r}")
-        self.sampler_kwargs: dict[str, Any] = {
-            "temperature": 2.0 if temperature is None else temperature,
-            "uniform_mix": 0.2 if uniform_mix is None else uniform_mix,
-            "ema_decay": ema_decay,
-            "prior": prior,
-            "num_samples": num_samples,
-        }
+        self.sampler_kwargs: dict[str, Any] = {"temperature": 2.0 if temperature is None else temperature,
+                                               "uniform_mix": 0.2 if uniform_mix is None else uniform_mix,
+                                               "ema_decay": ema_decay, "prior": prior, "num_samples": num_samples}
         self._explicit = [n for n, v in (("temperature", temperature), ("uniform_mix", uniform_mix)) if v is not None]
-        self.seed = seed
-        self.batch_adapter = resolve_batch_adapter(batch_adapter)
-        self.loss_fn = loss_fn
-        self.capture_module = capture_module
-        self.normalize = normalize
-        self.install_sampler = bool(install_sampler)
-        self.log_stats = bool(log_stats)
+        self.seed, self.batch_adapter = seed, resolve_batch_adapter(batch_adapter)
+        self.loss_fn, self.capture_module, self.normalize = loss_fn, capture_module, normalize
+        self.install_sampler, self.log_stats, self.irreducible = bool(install_sampler), bool(log_stats), irreducible
         self.sampler: AdaptiveSampler | None = None
         self.last_update: dict[str, Tensor] = {}
         self._trainer: pl.Trainer | None = None
-        self._in_fit = False
+        self._in_fit = self._capturing = False
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._undo_source: Callable[[], None] | None = None
         self._listeners: list[Callable[[Tensor, Tensor], None]] = []
-        self._batch_size = 0
-        self._batches_seen = 0
-        self._rows: Tensor = torch.empty(0, dtype=torch.long)
-        self._positions: Tensor = torch.empty(0, dtype=torch.long)
-        self._capturing = False
+        self._batch_size = self._batches_seen = 0
+        self._rows = self._positions = torch.empty(0, dtype=torch.long)
         self._captured: Tensor | None = None
         self._local: list[Pairs] = []
         self._gathered: list[Pairs] = []
@@ -250,6 +244,9 @@ class AdaptiveSampling(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bind_loader(trainer)
         self._in_fit = True
+        if self.irreducible is not None and not self.irreducible.fitted:
+            held_out = trainer.datamodule  # type: ignore[attr-defined]
+            self.irreducible.fit_heldout(self._capture_target(pl_module), held_out, self.batch_adapter)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,14 +295,18 @@ class AdaptiveSampling(Callback):
             )
             return
         losses = losses.detach().float().reshape(-1)
-        self._local.append((self._positions, self._rows, torch.stack([losses, self._scores(losses)], 1)))
+        reducible = losses if self.irreducible is None or self.sampler is None else self.irreducible.subtract(
+            self._capture_target(pl_module), losses, self.batch_adapter.unpack(batch), self.sampler.irreducible_losses,
+            self._rows)
+        scores = self._scores(losses, reducible)
+        self._local.append((self._positions, self._rows, torch.stack([losses, scores], 1)))
 
-    def _scores(self, losses: Tensor) -> Tensor:
+    def _scores(self, losses: Tensor, reducible: Tensor) -> Tensor:
         if self.normalize == "none":
-            return losses
+            return reducible
         finite = torch.isfinite(losses)  # stays on the device: no host sync per step
         mean = torch.where(finite, losses, 0.0).sum() / finite.sum().clamp_min(1)
-        return losses / mean.clamp_min(1e-12)
+        return reducible / mean.clamp_min(1e-12)
 
     @torch.no_grad()
     def _per_sample_losses(self, outputs: Any, batch: Any) -> Tensor | None:
@@ -398,11 +399,9 @@ class AdaptiveSampling(Callback):
             self._sync()  # not while handling an exception: the other ranks may not be there to gather
         pos, idx, values = self._pending()
         sampler_state = self.sampler.state_dict() if self.sampler is not None else self._sampler_state_to_load
-        return {
-            "version": 1,
-            "sampler": sampler_state,
-            "pending": {"positions": pos, "indices": idx, "values": values},
-        }
+        irreducible = self.irreducible.state_dict() if self.irreducible is not None else None
+        return {"version": 1, "sampler": sampler_state, "irreducible": irreducible,
+                "pending": {"positions": pos, "indices": idx, "values": values}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -413,6 +412,8 @@ class AdaptiveSampling(Callback):
         pairs = (pending["positions"], pending["indices"], pending["values"])
         self._gathered = [pairs] if pairs[0].numel() else []
         self._local = []
+        if self.irreducible is not None and state_dict.get("irreducible") is not None:
+            self.irreducible.load_state_dict(state_dict["irreducible"])
         if state_dict["sampler"] is not None and self.sampler is not None:
             self.sampler.load_state_dict(state_dict["sampler"])
         else:

@@ -165,7 +165,7 @@ class SynthesisSettings(BaseModel):
     generator_mix: GeneratorMix = Field(default_factory=dict)
     pinned_profile: PinnedProfile | None = None
     sampler_temperature: Temperature = 2.0  # AdaptiveSampler's default
-    sampler_uniform_mix: UniformMix = 1.0  # the engine's default: no loss focusing
+    sampler_uniform_mix: UniformMix = 0.2  # the engine's default: loss-focused draws, a 20% uniform floor
 
     _mix = field_validator("generator_mix")(check_generator_mix)
     _profile = field_validator("pinned_profile")(_check_profile)

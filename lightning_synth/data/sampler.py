@@ -118,6 +118,11 @@ class AdaptiveSampler(DistributedSampler):
         draw: ``"systematic"`` (low-variance resampling; a plain shuffle when weights are uniform) or
             ``"multinomial"`` (i.i.d. draws with replacement).
 
+    Attributes:
+        irreducible_losses: ``(N,)`` float64 per-sample irreducible-loss estimates kept for reducible-loss
+            sampling (:class:`~lightning_synth.irreducible.IrreducibleLoss`); NaN until set, and again after
+            :meth:`reset` (a replaced synthetic sample); resized and checkpointed with the scores.
+
     Raises:
         TypeError: if ``dataset`` has no length.
         ValueError: if any other argument is out of range.
@@ -169,6 +174,7 @@ class AdaptiveSampler(DistributedSampler):
         self._n = len(dataset)
         self._scores = torch.zeros(self._n, dtype=torch.float64)
         self._seen = torch.zeros(self._n, dtype=torch.bool)
+        self.irreducible_losses = torch.full((self._n,), math.nan, dtype=torch.float64)
         self._group_names: list[str] = []
         self._group_of = torch.zeros(self._n, dtype=torch.long)  # 0 is "real", k is _group_names[k - 1]
         self._scales: dict[str, float] = {}
@@ -210,9 +216,12 @@ class AdaptiveSampler(DistributedSampler):
             extra = n - self._n
             self._scores = torch.cat([self._scores, torch.zeros(extra, dtype=torch.float64)])
             self._seen = torch.cat([self._seen, torch.zeros(extra, dtype=torch.bool)])
+            nan = torch.full((extra,), math.nan, dtype=torch.float64)
+            self.irreducible_losses = torch.cat([self.irreducible_losses, nan])
             self._group_of = torch.cat([self._group_of, torch.zeros(extra, dtype=torch.long)])
         else:
             self._scores, self._seen, self._group_of = self._scores[:n], self._seen[:n], self._group_of[:n]
+            self.irreducible_losses = self.irreducible_losses[:n]
         self._n = int(n)
         self._refresh_sizes()
 
@@ -256,10 +265,12 @@ class AdaptiveSampler(DistributedSampler):
         self._seen[touched] = True
 
     def reset(self, indices: Tensor) -> None:
-        """Forget the history of ``indices`` (e.g. replaced synthetic samples): they get the prior again."""
+        """Forget the history of ``indices`` (e.g. replaced synthetic samples): they get the prior again, and
+        their irreducible losses are unknown again."""
         idx = _as_index_tensor("indices", indices, self._n)
         self._scores[idx] = 0.0
         self._seen[idx] = False
+        self.irreducible_losses[idx] = math.nan
 
     def scores(self) -> Tensor:
         """Each sample's score ``(N,)``: its loss EMA, or the prior when never seen."""
@@ -369,13 +380,14 @@ class AdaptiveSampler(DistributedSampler):
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Scores, groups, scales and epoch; enough to reproduce the next draw on any rank."""
+        """Scores, irreducible losses, groups, scales and epoch; enough to reproduce the next draw on any rank."""
         return {
             "version": _STATE_VERSION,
             "n": self._n,
             "epoch": int(self.epoch),
             "scores": self._scores.clone(),
             "seen": self._seen.clone(),
+            "irreducible": self.irreducible_losses.clone(),
             "groups": {name: (self._group_of == k + 1).nonzero().flatten() for k, name in enumerate(self._group_names)},
             "scales": dict(self._scales),
         }
@@ -392,6 +404,9 @@ class AdaptiveSampler(DistributedSampler):
         self._n = int(state_dict["n"])
         self._scores = torch.as_tensor(state_dict["scores"], dtype=torch.float64).clone()
         self._seen = torch.as_tensor(state_dict["seen"], dtype=torch.bool).clone()
+        stored = state_dict.get("irreducible")  # absent in states written before reducible-loss sampling
+        self.irreducible_losses = (torch.full((self._n,), math.nan, dtype=torch.float64) if stored is None
+                             else torch.as_tensor(stored, dtype=torch.float64).clone())
         self._group_of = torch.zeros(self._n, dtype=torch.long)
         self._group_names = []
         self._scales = {str(k): float(v) for k, v in state_dict["scales"].items()}

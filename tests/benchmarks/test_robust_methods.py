@@ -1,3 +1,4 @@
+import inspect
 import os
 import warnings
 
@@ -10,6 +11,7 @@ from benchmarks import methods as methods_module
 from benchmarks.common import MethodContext, budget, build_method, export_torchscript, run_method
 from benchmarks.robustness import family_score, paired, per_seed_metrics
 from lightning_synth.consistency import MixingChains
+from lightning_synth.data import SyntheticDataModule
 from lightning_synth.datasets import DigitsDataModule
 from lightning_synth.generators import TargetedAugmentation
 
@@ -54,7 +56,12 @@ def test_lightning_synth_row_is_the_library_defaults(tmp_path):
     assert isinstance(generator, TargetedAugmentation)
     assert (generator.class_bias, generator.uniform_floor, generator.min_share, generator.temperature) == (
         default.class_bias, default.uniform_floor, default.min_share, default.temperature)
-    assert dm.engine.controller.settings.sampler_uniform_mix == 1.0
+    default_mix = inspect.signature(SyntheticDataModule).parameters["sampler_uniform_mix"].default
+    assert dm.engine.controller.settings.sampler_uniform_mix == default_mix
+    share = build_method("uniform_share", "robustness").wrap_datamodule(DigitsDataModule(batch_size=128), ctx)
+    assert share.engine.controller.settings.sampler_uniform_mix == 1.0  # the untargeted ablation draws uniformly
+    focused = build_method("uniform_share_sampler", "robustness").wrap_datamodule(DigitsDataModule(), ctx)
+    assert focused.engine.controller.settings.sampler_uniform_mix == default_mix  # only the profile left out
     assert method.make_module(ctx).consistency.floor == MixingChains().floor
 
 

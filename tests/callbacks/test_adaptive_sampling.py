@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_synth.callbacks.adaptive_sampling import AdaptiveSampling
 from lightning_synth.data.sampler import AdaptiveSampler
 from lightning_synth.datasets import DigitsDataModule, load_digits_tensors
+from lightning_synth.irreducible import IrreducibleLoss
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
         ({"loss_fn": "ce"}, TypeError, "`loss_fn` must be a callable"),
         ({"normalize": "rank"}, ValueError, "`normalize` must be 'batch' or 'none', got 'rank'"),
         ({"capture_module": ""}, ValueError, "`capture_module` must be a non-empty submodule name"),
+        ({"irreducible": "rho"}, TypeError, "`irreducible` must be an IrreducibleLoss or None, got str"),
     ],
 )
 def test_bad_arguments_raise(kwargs, error, match):
@@ -196,11 +198,12 @@ class _Recorder(Callback):
         self.probs[trainer.current_epoch] = self.sampling.sampler.probabilities()
 
 
-@pytest.mark.parametrize("on_train_epoch_end", [False, True], ids=["saved_before_update", "saved_after_update"])
-def test_resume_gives_the_same_weights_and_draw(tmp_path, on_train_epoch_end):
+@pytest.mark.parametrize(("on_train_epoch_end", "reducible"), [(False, False), (True, False), (False, True)],
+                         ids=["saved_before_update", "saved_after_update", "reducible_loss"])
+def test_resume_gives_the_same_weights_and_draw(tmp_path, on_train_epoch_end, reducible):
     def fit(max_epochs, run, ckpt_path=None):
         L.seed_everything(0)
-        sampling = AdaptiveSampling()
+        sampling = AdaptiveSampling(irreducible=IrreducibleLoss(epochs=1) if reducible else None)
         recorder = _Recorder(sampling)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / run, save_last=True, save_on_train_epoch_end=on_train_epoch_end)
         trainer = _trainer(
@@ -224,6 +227,33 @@ def test_resume_gives_the_same_weights_and_draw(tmp_path, on_train_epoch_end):
         "pending"
     ]
     assert pending["indices"].numel() == (0 if on_train_epoch_end else 997)  # losses not yet applied ride along
+
+
+def test_reducible_loss_scores_subtract_the_heldout_model(tmp_path):
+    il = IrreducibleLoss(perturbations=["gaussian_noise", "rotation"])
+    callback = AdaptiveSampling(irreducible=il)
+    trainer = _trainer(tmp_path, [callback], max_epochs=2, limit_val_batches=0)
+    model = Classifier()
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    assert il.fitted  # trained at fit start on the datamodule's validation split
+    sampler = callback.sampler
+    stored = sampler.irreducible_losses
+    assert torch.isfinite(stored).all()  # every sample was drawn, each got its estimate once
+    train = trainer.datamodule.train_dataloader().dataset
+    sample = torch.tensor([0, 5, 9])
+    x = torch.stack([train[int(i)][0] for i in sample])
+    y = torch.tensor([int(train[int(i)][1]) for i in sample])
+    assert torch.allclose(il(model, x, y).double(), stored[sample], atol=1e-5)
+    indices, losses, scores = callback.last_update.values()
+    first = slice(0, 64)  # one batch: (loss - irreducible loss) / the batch's mean loss
+    expected = (losses[first].double() - stored[indices[first]]) / losses[first].double().mean()
+    assert torch.allclose(scores[first].double(), expected, atol=1e-5)
+
+
+def test_reducible_loss_needs_heldout_data(tmp_path):
+    trainer = _trainer(tmp_path, [AdaptiveSampling(irreducible=IrreducibleLoss())])
+    with pytest.raises(RuntimeError, match="IrreducibleLoss trains its model on held-out data"):
+        trainer.fit(Classifier(), train_dataloaders=_indexed_loader())
 
 
 _DDP_SCRIPT = """

@@ -195,3 +195,16 @@ def test_works_inside_a_dataloader_with_workers():
     loader = DataLoader(range(12), batch_size=5, sampler=sampler, num_workers=1)
     seen = torch.cat(list(loader))
     assert seen.tolist() == sampler.epoch_indices.tolist()
+
+
+def test_irreducible_losses_are_reset_with_the_sample_resized_and_checkpointed():
+    sampler = AdaptiveSampler(range(4))
+    assert torch.isnan(sampler.irreducible_losses).all()
+    sampler.irreducible_losses[torch.tensor([0, 2])] = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    sampler.reset(torch.tensor([2]))  # a replaced synthetic sample needs a new estimate
+    assert sampler.irreducible_losses[0] == 0.5 and torch.isnan(sampler.irreducible_losses[2])
+    sampler.resize(6)
+    assert sampler.irreducible_losses.shape == (6,) and torch.isnan(sampler.irreducible_losses[5])
+    restored = AdaptiveSampler(range(6))
+    restored.load_state_dict(sampler.state_dict())
+    assert torch.equal(restored.irreducible_losses.nan_to_num(-1), sampler.irreducible_losses.nan_to_num(-1))
