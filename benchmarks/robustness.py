@@ -411,6 +411,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  for f, per in lofo.items()},
         "runs": runs,
     }
+    if args.merge:  # later parts replace earlier ones per (method, seed): say which commit each came from
+        parts = {str(p): json.loads(Path(p).read_text()) for p in args.merge}
+        payload["merged_parts"] = {p: {"commit": part.get("commit"), "tree_clean": part.get("tree_clean"),
+                                       "methods": sorted(part["runs"])} for p, part in parts.items()}
     write_json(args.results_dir / f"{TASK}.json", payload)
     if "test" in splits:
         plot(args.results_dir / f"{TASK}.png", {n: s | s["test"] for n, s in summary.items()})

@@ -301,6 +301,11 @@ def test_robustness_main_smoke(tmp_path):
     assert (tmp_path / "robustness.png").stat().st_size > 0
     for name in ("erm", "trivialaugment"):
         _check_export(tmp_path / "models" / f"{name}.pt", channels=1)
+    merged = robustness.main([*TINY, "--test-size", "100", "--plugins", "--methods", "erm", "--merge",
+                              str(tmp_path / "robustness.json"), "--results-dir", str(tmp_path / "merged")])
+    assert merged["runs"]["erm"] == {0: saved["runs"]["erm"]["0"]}  # read back, nothing is trained again
+    [(_, part)] = merged["merged_parts"].items()
+    assert part["methods"] == ["erm", "trivialaugment"] and part["commit"] == saved["commit"]
 
 
 @pytest.mark.slow
