@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_synth.batch import BatchView
 from lightning_synth.datasets import load_digits_tensors
 from lightning_synth.irreducible import IrreducibleLoss
 
@@ -81,7 +82,7 @@ def test_subtract_computes_each_missing_estimate_once():
     rows = torch.tensor([3, 4, 4, 9])
     x, y = images[200:204], labels[200:204]
     losses = torch.ones(4)
-    out = il.subtract(model, losses, x, y, store, rows)
+    out = il.subtract(model, losses, BatchView(x, y), store, rows)
     fresh = il(model, x, y)
     assert out[0] == 1.0 - 7.0 and torch.allclose(out[1:], 1.0 - fresh[1:])
     assert store[9] == fresh[3].double() and store[3] == 7.0 and torch.isnan(store[:3]).all()
