@@ -145,12 +145,11 @@ def lightning_synth_method(
     def make_module(ctx: MethodContext) -> Classifier:
         if not consistency:
             return ctx.classifier()
-        if not targeted:
-            chains[ctx.seed] = MixingChains(bank_names(ctx), floor=1.0)
-        elif floor is None:
-            chains[ctx.seed] = MixingChains(bank_names(ctx), analyzer=analyzer(ctx))
-        else:
-            chains[ctx.seed] = MixingChains(bank_names(ctx), floor=floor, analyzer=analyzer(ctx))
+        # untargeted: plain AugMix chains; targeted: the analyzer's tilt, at MixingChains' floor unless given
+        options: dict[str, Any] = {"analyzer": analyzer(ctx)} if targeted else {"floor": 1.0}
+        if targeted and floor is not None:
+            options["floor"] = floor
+        chains[ctx.seed] = MixingChains(bank_names(ctx), **options)
         return ctx.classifier(consistency=chains[ctx.seed])
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
