@@ -45,6 +45,7 @@ changes the file names (the training-set-size runs write ``overhead_10k`` and ``
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
 import math
@@ -55,6 +56,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -99,6 +101,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="diagnostic: run the workers with glibc's mmap threshold fixed at BYTES "
                              "(MALLOC_MMAP_THRESHOLD_), so freed large buffers go back to the OS at once and the peak "
                              "RSS follows live memory rather than the heap's retention (slows every fit)")
+    parser.add_argument("--memory-trace", action="store_true",
+                        help="diagnostic: read the RSS high-water mark at every phase boundary and report where "
+                             "it grew (with glibc's heap then) under each run's `memory_trace`")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="overhead", help="results file names: <name>.json and <name>.png")
     parser.add_argument("--worker", choices=list(CONFIGS), default=None, help=argparse.SUPPRESS)
@@ -132,16 +137,21 @@ def max_steps(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ timers
 class PhaseClock:
-    """Exclusive time per phase: a nested timed call pauses its caller's phase."""
+    """Exclusive time per phase: a nested timed call pauses its caller's phase; with a ``trace``, the memory
+    high-water mark is read at every phase boundary (see :class:`MemoryTrace`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace: MemoryTrace | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.trace = trace
         self._stack: list[str] = []
         self._mark = 0.0
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if self.trace is not None:
+            self.trace.mark(self._stack[-1] if self._stack else "outside phases", f"enter {name}")
+            self.trace.current.append(name)
         now = time.perf_counter()
         if self._stack:
             self.seconds[self._stack[-1]] += now - self._mark
@@ -154,6 +164,9 @@ class PhaseClock:
             now = time.perf_counter()
             self.seconds[self._stack.pop()] += now - self._mark
             self._mark = now
+            if self.trace is not None:
+                self.trace.current.pop()
+                self.trace.mark(name, f"exit {name}")
 
 
 def _wrap(clock: PhaseClock, owner: type, attr: str, phase: str) -> None:
@@ -226,6 +239,76 @@ def _mib(kib: int | None) -> float | None:
     return None if kib is None else kib / 1024
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_info() -> dict[str, float] | None:
+    """glibc's heap, MiB (``mallinfo2``, glibc >= 2.33; ``None`` elsewhere): ``heap`` (the main arena, in use
+    or free), ``heap_free`` (free chunks in it, kept by the process), ``mmapped`` (chunks mapped one by one)."""
+    try:
+        libc = ctypes.CDLL(None)
+        call = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    call.restype = _MallInfo2
+    info = call()
+    return {"heap": info.arena / 2**20, "heap_free": info.fordblks / 2**20, "mmapped": info.hblkhd / 2**20}
+
+
+class MemoryTrace:
+    """Where the RSS high-water mark grows (diagnostic, ``--memory-trace``).
+
+    Read at every phase boundary: growth seen at a phase's exit is charged to that phase; growth seen on
+    entering a phase happened since the last boundary, outside any timed phase (the training step, the data
+    loader) or in the enclosing phase. ``events`` lists each growth with the RSS and glibc's heap then,
+    ``growth_mib`` sums it by where. A thread also samples the RSS and the heap every ``interval_s`` into
+    ``timeline`` (with the innermost phase running then), which is all there is for plain Lightning.
+    """
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.start = time.perf_counter()
+        self.events: list[dict[str, Any]] = []
+        self.timeline: list[dict[str, Any]] = []
+        self.growth_mib: dict[str, float] = defaultdict(float)
+        self.current: list[str] = []
+        self._hwm = _status_kib("VmHWM") or 0
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reset(self) -> None:
+        self._hwm = _status_kib("VmHWM") or 0
+        self.start = time.perf_counter()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {"t_s": round(time.perf_counter() - self.start, 3), "hwm_mib": _mib(_status_kib("VmHWM")),
+                "rss_mib": _mib(_status_kib("VmRSS")), **(malloc_info() or {})}
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.timeline.append({**self._snapshot(), "phase": self.current[-1] if self.current else None})
+
+    def mark(self, where: str, boundary: str) -> None:
+        hwm = _status_kib("VmHWM")
+        if hwm is None or hwm <= self._hwm:
+            return
+        grown, self._hwm = (hwm - self._hwm) / 1024, hwm
+        self.growth_mib[where] += grown
+        self.events.append({**self._snapshot(), "where": where, "at": boundary, "grown_mib": round(grown, 2)})
+
+    def result(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.mark("outside phases", "end of fit")
+        return {"growth_mib": dict(sorted(self.growth_mib.items(), key=lambda kv: -kv[1])), "events": self.events,
+                "timeline": self.timeline, "malloc_at_end": malloc_info()}
+
+
 # ------------------------------------------------------------------------------------------------ worker
 def build(config: str, args: argparse.Namespace) -> tuple[Any, L.LightningDataModule, list[Callback]]:
     from lightning_synth.demos import ImageClassifier
@@ -269,7 +352,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     quiet_lightning()
     if args.threads:
         torch.set_num_threads(args.threads)
-    clock = PhaseClock()
+    trace = MemoryTrace() if args.memory_trace else None
+    clock = PhaseClock(trace)
     instrumented = instrument(clock)
     L.seed_everything(args.seed, verbose=False)
     model, dm, callbacks = build(config, args)
@@ -281,6 +365,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         )
         rss_before = _status_kib("VmRSS")
         peak_reset = _reset_peak_rss()
+        if trace is not None:
+            trace.reset()
         start, cpu_start = time.perf_counter(), time.process_time()
         trainer.fit(model, datamodule=dm)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -301,6 +387,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
     }
     result.update(system_facts(trainer, dm))
+    if trace is not None:
+        result["memory_trace"] = trace.result()
     check(result, args)
     return result
 
@@ -344,7 +432,7 @@ def check(result: dict[str, Any], args: argparse.Namespace) -> None:
 def worker_argv(args: argparse.Namespace) -> list[str]:
     return ["--train-size", str(args.train_size), "--val-size", str(args.val_size), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--gan-steps", str(args.gan_steps), "--threads", str(args.threads),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), *(["--memory-trace"] if args.memory_trace else [])]
 
 
 def run_worker(config: str, args: argparse.Namespace, folder: Path, repeat: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_synth.data.mapped import mapped_zeros
 from lightning_synth.data.pool_checkpoint import PoolCheckpoint
 from lightning_synth.data.pool_records import (
     DTYPES,
@@ -332,8 +333,8 @@ class SyntheticPool(PoolCheckpoint, Dataset[tuple[Tensor, Tensor]]):
             return
         # Grow geometrically so memory follows use while appends stay amortised O(1).
         new = min(self.capacity, max(size, 2 * allocated, 64))
-        for key, values in self._store.items():
-            grown = torch.empty((new, *values.shape[1:]), dtype=values.dtype)
+        for key, values in self._store.items():  # on maps of their own: a long-lived pool never pins the heap
+            grown = mapped_zeros((new, *values.shape[1:]), values.dtype)
             grown[: self._size] = values[: self._size]
             self._store[key] = grown
         missing = torch.zeros(new, dtype=torch.bool)

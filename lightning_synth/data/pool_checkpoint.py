@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_synth.data.mapped import mapped_zeros
 from lightning_synth.data.pool_records import DTYPES, STATE_VERSION, bytes_per_sample, decode, encode
 from lightning_synth.generators.base import SyntheticBatch
 
@@ -90,7 +91,7 @@ class PoolCheckpoint:
             return
         n = len(store["sample_id"])
         fixed = store["chunk"] < 0
-        inputs = torch.zeros((n, *pixels["shape"]), dtype=DTYPES[self.storage_dtype])
+        inputs = mapped_zeros((n, *pixels["shape"]), DTYPES[self.storage_dtype])
         saved = pixels["inputs"]
         if state_dict["storage_dtype"] != self.storage_dtype:
             saved = encode(decode(saved, state_dict["storage_dtype"]), self.storage_dtype)

@@ -25,7 +25,6 @@ from lightning_synth.engine.comm import Comm
 from lightning_synth.engine.generation import RealCache, concat, part_seed, rank_shares, replay, run_part
 from lightning_synth.generators.base import SyntheticGenerator
 from lightning_synth.profile import WeaknessProfile
-from lightning_synth.value_range import ValueRange
 
 __all__ = ["EpochContext", "RefreshReport", "SynthesisEngine", "resolve_budget"]
 
@@ -219,10 +218,8 @@ class SynthesisEngine:
                 raise RuntimeError("SynthesisEngine needs real data: call `bind(num_real, real_sample)` first")
             n = min(self.real_cache_size, self.num_real)
             index = torch.randperm(self.num_real, generator=torch.Generator().manual_seed(self.seed))[:n]
-            inputs, targets = self._real_sample(index)
-            value_range = ValueRange.detect(inputs)  # NaN in the user's data is reported as the user's data
-            self._real = RealCache.build(value_range.to_unit(inputs), targets.long(), index, value_range,
-                                         int(targets.max()) + 1)
+            # in blocks, so no transient the size of the cache is made (NaN is reported as the user's data)
+            self._real = RealCache.read(self._real_sample, index)
         return self._real
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -267,16 +264,13 @@ class SynthesisEngine:
         report = report or RefreshReport()
         report.budgets = self.budgets()
         profile_json = profile.to_json()
-        real: RealCache | None = None  # float32 for this refresh's calls only (the cache may keep uint8)
         for gi, generator in enumerate(self.generators):
             budget = report.budgets.get(generator.name, 0)
             for ci, start in enumerate(range(0, budget, self.chunk_size)):
                 shares = rank_shares(min(self.chunk_size, budget - start), comm.world_size)
                 parts = [[part_seed(self.seed, context.epoch, gi, ci, r), s] for r, s in enumerate(shares)]
                 seed, share = parts[comm.rank]
-                if real is None:
-                    real = self.real.unpacked()
-                local = run_part(generator, profile, share, seed, real, context.device, context.epoch,
+                local = run_part(generator, profile, share, seed, self.real, context.device, context.epoch,
                                  context.task_model)
                 batch = concat(comm.gather_objects(local), generator.name)
                 if batch is None:
@@ -336,7 +330,7 @@ class SynthesisEngine:
         if not pending:
             return 0
         by_name = {g.name: g for g in self.generators}
-        real = self.real.unpacked()
+        real = self.real
         for chunk, recipe in pending.items():
             generator = by_name.get(recipe["generator"])
             if generator is None:

@@ -9,13 +9,15 @@ recipe), which is how the pool is checkpointed without pixels.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_synth.generators.base import GenerationContext, SyntheticBatch, SyntheticGenerator
+from lightning_synth.data.mapped import mapped_zeros
+from lightning_synth.generators.base import GenerationContext, SyntheticBatch, SyntheticGenerator, from_levels
 from lightning_synth.profile import WeaknessProfile
 from lightning_synth.value_range import ValueRange
 
@@ -30,7 +32,8 @@ class RealCache:
 
     Images of 8-bit origin (every value ``k / 255`` exactly, as uint8 data or ``uint8 / 255`` floats map to)
     are kept as their uint8 levels, a quarter of float32's memory and lossless: :attr:`inputs` gives back the
-    very same float32 values. Other data are kept as float32.
+    very same float32 values, and a generation call decodes only the rows it draws
+    (:meth:`GenerationContext.sample_real`). Other data are kept as float32.
 
     Attributes:
         pixels: ``(M, ...)`` the stored inputs: uint8 levels (``inputs * 255``) or float32 in [0, 1].
@@ -46,6 +49,9 @@ class RealCache:
         (torch.uint8, True)
         >>> RealCache.build(unit + 1e-4, torch.arange(4), torch.arange(4), ValueRange(), 4).pixels.dtype
         torch.float32
+        >>> read = RealCache.read(lambda index: (unit[index] * 255, index), torch.arange(4), block_bytes=256)
+        >>> read.value_range.high, torch.equal(read.pixels, cache.pixels)
+        (255.0, True)
     """
 
     pixels: Tensor
@@ -58,35 +64,86 @@ class RealCache:
     def build(cls, inputs: Tensor, targets: Tensor, index: Tensor, value_range: ValueRange,
               num_classes: int) -> RealCache:
         """A cache of ``inputs`` (float in [0, 1]), stored as uint8 levels when that is lossless."""
-        return cls(_as_levels(inputs.float()), targets, index, value_range, num_classes)
+        return cls(_pack([inputs], ValueRange()), targets, index, value_range, num_classes)
+
+    @classmethod
+    def read(cls, real_sample: Callable[[Tensor], tuple[Tensor, Tensor]], index: Tensor,
+             block_bytes: int = 4 * 2**20) -> RealCache:
+        """The cache of the real samples at ``index``, read with ``real_sample`` (``index -> (inputs in the user's
+        range, targets)``) in order, in blocks of about ``block_bytes`` of inputs.
+
+        The same values as one call with the whole ``index``: the range is detected over every block (see
+        :meth:`ValueRange.detect`), then each block is mapped to [0, 1] and packed. Reading in blocks keeps
+        every buffer small: no transient the size of the whole cache is allocated and freed (a freed buffer of
+        that size would raise glibc's mmap and trim thresholds, and the heap would keep more memory mapped).
+        """
+        first = real_sample(index[:1])
+        row = max(first[0][0].numel() * first[0].element_size(), 1)
+        rows = max(block_bytes // row, 1)
+        blocks = [first, *(real_sample(index[s:s + rows]) for s in range(1, len(index), rows))]
+        inputs = [x for x, _ in blocks]
+        targets = torch.cat([t for _, t in blocks]).long()
+        del blocks
+        value_range = _detect(inputs)
+        return cls(_pack(inputs, value_range), targets, index, value_range, int(targets.max()) + 1)
 
     @property
     def inputs(self) -> Tensor:
         """``(M, ...)`` float32 inputs in [0, 1] (a fresh copy when the pixels are stored as uint8)."""
-        return self.pixels if self.pixels.is_floating_point() else _from_levels(self.pixels)
+        return self.pixels if self.pixels.is_floating_point() else from_levels(self.pixels)
 
-    def unpacked(self) -> RealCache:
-        """This cache with float32 pixels, for a run of generation calls that all read :attr:`inputs`."""
-        return self if self.pixels.is_floating_point() else replace(self, pixels=self.inputs)
+    def context(self, generator: torch.Generator, **kwargs: Any) -> GenerationContext:
+        """A generation context over this cache (holding its uint8 levels as they are: nothing is decoded until
+        a generator reads rows)."""
+        pixels = self.pixels
+        levels = not pixels.is_floating_point()
+        return GenerationContext(None if levels else pixels, self.targets, self.num_classes, generator,
+                                 value_range=self.value_range, real_levels=pixels if levels else None, **kwargs)
 
 
-def _from_levels(levels: Tensor) -> Tensor:
-    return levels.float() / 255
+def _detect(blocks: list[Tensor]) -> ValueRange:
+    """``ValueRange.detect`` of the blocks one after another, from each block's min and max (what it reads of
+    finite data); the concatenation is only made to report non-finite or empty data as ``detect`` does."""
+    if any(b.numel() == 0 or (b.is_floating_point() and not bool(torch.isfinite(b).all())) for b in blocks):
+        return ValueRange.detect(torch.cat(blocks))
+    ends = [v.reshape(1) for b in blocks for v in (b.min(), b.max())]
+    return ValueRange.detect(torch.cat(ends))
 
 
-def _as_levels(inputs: Tensor, rows: int = 1024) -> Tensor:
-    """``inputs`` as uint8 levels when every value is exactly ``k / 255`` in float32, else ``inputs`` itself
-    (checked in blocks of ``rows``, so the check adds little memory)."""
-    levels = torch.empty(inputs.shape, dtype=torch.uint8)
-    for start in range(0, len(inputs), rows):
-        block = inputs[start:start + rows]
-        if not bool(((block >= 0) & (block <= 1)).all()):
-            return inputs
-        level = (block * 255).round_().to(torch.uint8)
-        if not torch.equal(_from_levels(level), block):
-            return inputs
-        levels[start:start + rows] = level
+def _pack(blocks: list[Tensor], value_range: ValueRange) -> Tensor:
+    """The blocks mapped to [0, 1] by ``value_range``, one after another: as uint8 levels when every value is
+    exactly ``k / 255`` in float32, else as float32 (mapped and checked a block at a time, so that the check
+    adds little memory)."""
+    shape = (sum(len(b) for b in blocks), *blocks[0].shape[1:])
+    levels = mapped_zeros(shape, torch.uint8)  # long-lived: kept out of the heap (see `mapped_zeros`)
+    start = 0
+    for block in blocks:
+        for part in block.split(1024):
+            unit = value_range.to_unit(part).float()
+            level = _exact_levels(unit)
+            if level is None:
+                return _floats(blocks, value_range, shape)
+            levels[start:start + len(part)] = level
+            start += len(part)
     return levels
+
+
+def _exact_levels(unit: Tensor) -> Tensor | None:
+    if not bool(((unit >= 0) & (unit <= 1)).all()):
+        return None
+    level = (unit * 255).round_().to(torch.uint8)
+    return level if torch.equal(from_levels(level), unit) else None
+
+
+def _floats(blocks: list[Tensor], value_range: ValueRange, shape: tuple[int, ...]) -> Tensor:
+    if len(blocks) == 1:
+        return value_range.to_unit(blocks[0]).float()
+    out = mapped_zeros(shape, torch.float32)
+    start = 0
+    for block in blocks:
+        out[start:start + len(block)] = value_range.to_unit(block)
+        start += len(block)
+    return out
 
 
 def part_seed(seed: int, epoch: int, generator_index: int, chunk: int, rank: int) -> int:
@@ -151,17 +208,13 @@ def run_part(
     naming the generator) when it raised or broke the contract."""
     if budget <= 0:
         return None
-    context = GenerationContext(
-        real_inputs=real.inputs, real_targets=real.targets, num_classes=real.num_classes,
-        generator=torch.Generator().manual_seed(seed), device=device, epoch=epoch, task_model=task_model,
-        value_range=real.value_range,
-    )
+    context = real.context(torch.Generator().manual_seed(seed), device=device, epoch=epoch, task_model=task_model)
     was_training = task_model.training if task_model is not None else False
     if task_model is not None:
         task_model.eval()
     try:
         out = generator.generate(profile, budget, context)
-        problem = check_output(out, budget, real.inputs, real.num_classes)
+        problem = check_output(out, budget, real.pixels, real.num_classes)
     except Exception as error:  # a generator's failure must not stop training
         out, problem = None, f"raised {error!r}"
     finally:

@@ -8,7 +8,7 @@ weakness each sample targets, and a realism/quality score in [0, 1]).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lightning_synth.profile import WeaknessProfile
 from lightning_synth.value_range import ValueRange
 
-__all__ = ["GenerationContext", "SyntheticBatch", "SyntheticGenerator"]
+__all__ = ["GenerationContext", "SyntheticBatch", "SyntheticGenerator", "from_levels"]
 
 
 @dataclass
@@ -57,13 +57,15 @@ class SyntheticBatch:
         return cls(like[:0], torch.zeros(0, dtype=torch.long), [], torch.zeros(0), generator)
 
 
-@dataclass
+@dataclass(init=False)
 class GenerationContext:
     """What a generator may draw on besides the profile.
 
     Attributes:
         real_inputs: a cached sample of real training inputs ``(M, C, H, W)`` to transform, float in [0, 1]
             (the engine maps the user's range and dtype to [0, 1] and the outputs back, see ``value_range``).
+            When the context holds the inputs as uint8 levels (``real_levels``), reading this decodes all
+            of them once; :meth:`sample_real` and :meth:`real_rows` decode only the rows they return.
         real_targets: their labels ``(M,)``.
         num_classes: number of classes of the task.
         generator: a seeded RNG. The engine seeds it per rank and per call, and records the seed: the same
@@ -73,17 +75,74 @@ class GenerationContext:
         task_model: the model being trained (eval mode is the caller's job), or ``None``.
         extras: free-form additions (e.g. real slice attributes under ``"slices"``).
         value_range: the range and dtype of the user's real inputs (already mapped to [0, 1] here).
+        real_levels: the real inputs as uint8 levels ``k`` standing for ``k / 255`` (images of 8-bit origin,
+            kept so by the engine: a quarter of float32's memory, lossless), or ``None``. Give either
+            ``real_inputs`` or ``real_levels``.
+
+    Raises:
+        ValueError: if neither or both of ``real_inputs`` and ``real_levels`` are given, or ``real_levels``
+            is not uint8.
+
+    Example:
+        >>> levels = torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1)
+        >>> context = GenerationContext(None, torch.arange(8), 8, torch.Generator().manual_seed(0),
+        ...                             real_levels=levels)
+        >>> context.real_rows(torch.tensor([0, 3])).flatten().tolist() == [0.0, 3 / 255]
+        True
+        >>> torch.equal(context.real_inputs, levels.float() / 255)
+        True
     """
 
-    real_inputs: Tensor
     real_targets: Tensor
     num_classes: int
     generator: torch.Generator
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    epoch: int = 0
-    task_model: nn.Module | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    value_range: ValueRange = field(default_factory=ValueRange)
+    device: torch.device
+    epoch: int
+    task_model: nn.Module | None
+    extras: dict[str, Any]
+    value_range: ValueRange
+    real_levels: Tensor | None
+
+    def __init__(
+        self,
+        real_inputs: Tensor | None,
+        real_targets: Tensor,
+        num_classes: int,
+        generator: torch.Generator,
+        device: torch.device | None = None,
+        epoch: int = 0,
+        task_model: nn.Module | None = None,
+        extras: dict[str, Any] | None = None,
+        value_range: ValueRange | None = None,
+        real_levels: Tensor | None = None,
+    ) -> None:
+        if (real_inputs is None) == (real_levels is None):
+            raise ValueError("GenerationContext takes `real_inputs` (float in [0, 1]) or `real_levels` (uint8), "
+                             f"one of them; got {'both' if real_inputs is not None else 'neither'}")
+        if real_levels is not None and real_levels.dtype != torch.uint8:
+            raise ValueError(f"`real_levels` must be uint8, got {real_levels.dtype}")
+        self._real_inputs = real_inputs
+        self.real_levels = real_levels
+        self.real_targets, self.num_classes, self.generator = real_targets, num_classes, generator
+        self.device = torch.device("cpu") if device is None else device
+        self.epoch, self.task_model = epoch, task_model
+        self.extras = {} if extras is None else extras
+        self.value_range = ValueRange() if value_range is None else value_range
+
+    @property
+    def real_inputs(self) -> Tensor:
+        """``(M, C, H, W)`` float in [0, 1] (decoded from ``real_levels`` on first read, then kept)."""
+        if self._real_inputs is None:
+            assert self.real_levels is not None
+            self._real_inputs = from_levels(self.real_levels)
+        return self._real_inputs
+
+    def real_rows(self, index: Tensor) -> Tensor:
+        """The real inputs at ``index`` as float in [0, 1]: the same values as ``real_inputs[index]``, decoding
+        only those rows when the context holds levels."""
+        if self._real_inputs is not None or self.real_levels is None:
+            return self.real_inputs[index]
+        return from_levels(self.real_levels[index])
 
     def sample_real(self, n: int, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``n`` real samples (with replacement), restricted to ``classes`` when given."""
@@ -93,7 +152,13 @@ class GenerationContext:
             if len(pool) == 0:
                 pool = torch.arange(len(self.real_targets))
         idx = pool[torch.randint(len(pool), (n,), generator=self.generator)]
-        return self.real_inputs[idx], self.real_targets[idx]
+        return self.real_rows(idx), self.real_targets[idx]
+
+
+def from_levels(levels: Tensor) -> Tensor:
+    """uint8 levels ``k`` as the float32 values ``k / 255`` they stand for (the one decoding, so that every
+    reader gets bit-identical values)."""
+    return levels.float() / 255
 
 
 class SyntheticGenerator(ABC):

@@ -145,7 +145,7 @@ class TargetedAugmentation(SyntheticGenerator):
         _check_context(context)
         targeted, uniform = self._split(profile, budget, context.generator)
         if budget == 0:
-            return SyntheticBatch.empty(self.name, context.real_inputs)
+            return SyntheticBatch.empty(self.name, context.real_rows(torch.zeros(0, dtype=torch.long)))
         images, labels = self._sources(profile, budget, context)
         outputs: list[Tensor] = []
         keys: list[str] = []

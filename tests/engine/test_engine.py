@@ -9,7 +9,7 @@ import torch
 from lightning_synth.data.sampler import AdaptiveSampler
 from lightning_synth.engine import EpochContext, LocalComm, SynthesisEngine, resolve_budget
 from lightning_synth.generators import SyntheticGenerator, TargetedAugmentation
-from lightning_synth.generators.base import SyntheticBatch
+from lightning_synth.generators.base import GenerationContext, SyntheticBatch
 from lightning_synth.profile import Weakness, WeaknessProfile
 
 N_REAL = 200
@@ -228,15 +228,18 @@ def _pool_pixels(engine):
 
 
 @pytest.mark.parametrize("origin", ["uint8", "float_over_255"])
-def test_real_cache_of_8bit_data_is_kept_as_uint8_and_round_trips_exactly(origin):
+def test_real_cache_of_8bit_data_is_kept_as_uint8_and_round_trips_exactly(origin, monkeypatch):
     levels = torch.randint(0, 256, (N_REAL, 1, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
     data = levels if origin == "uint8" else levels.float() / 255  # as Fashion-MNIST is loaded
     targets = torch.arange(N_REAL) % 10
-    seen = []
+    contexts, full_reads = [], []
+    whole = GenerationContext.real_inputs
+    monkeypatch.setattr(GenerationContext, "real_inputs",
+                        property(lambda self: full_reads.append(1) or whole.fget(self)))
 
     class Spy(TargetedAugmentation):
         def generate(self, profile, budget, context):
-            seen.append(context.real_inputs)
+            contexts.append(context)
             return super().generate(profile, budget, context)
 
     engine = SynthesisEngine([Spy()], synthetic_budget=64, real_cache_size=100, chunk_size=16)
@@ -246,8 +249,9 @@ def test_real_cache_of_8bit_data_is_kept_as_uint8_and_round_trips_exactly(origin
     assert real.pixels.dtype == torch.uint8 and real.pixels.nbytes == 100 * 64  # a quarter of float32
     expected = levels[real.index].float() / 255  # what the cache held as float32 before
     assert real.inputs.dtype == torch.float32 and torch.equal(real.inputs, expected)
-    assert len(seen) == 4 and all(torch.equal(s, expected) for s in seen)  # every chunk sees the exact values
-    assert seen[0] is seen[-1]  # decoded once per refresh, not per chunk
+    # every chunk's context holds the cache's own levels; the generator decoded only the rows it drew
+    assert len(contexts) == 4 and all(c.real_levels is real.pixels for c in contexts) and not full_reads
+    assert all(torch.equal(c.real_inputs, expected) for c in contexts)  # a generator reading all sees the values
 
 
 def test_a_uint8_real_cache_changes_no_sample_and_replays_identically():
