@@ -279,7 +279,8 @@ class SynthesisEngine:
                            "parts": parts} if generator.replayable else None)
                 self._store(batch, context.epoch, recipe)
                 report.generated[generator.name] = report.generated.get(generator.name, 0) + len(batch)
-                report.samples.setdefault(generator.name, batch.inputs[:32])
+                if generator.name not in report.samples:  # a copy: the chunk's buffer is freed now
+                    report.samples[generator.name] = batch.inputs[:32].clone()
         for name, count in report.generated.items():
             self.generated[name] = self.generated.get(name, 0) + count
             report.metrics[f"synth/generated/{name}"] = float(count)

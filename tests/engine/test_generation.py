@@ -89,3 +89,47 @@ def test_a_call_over_levels_makes_the_samples_of_a_call_over_float32(generator):
     assert a is not None and b is not None and len(a) > 0
     assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets) and a.weakness == b.weakness
     assert (a.source_index is None) == (b.source_index is None)
+
+
+def test_a_fit_on_8bit_data_keeps_levels_and_a_resume_replays_identical_pixels(tmp_path, tkw):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_synth.callbacks import FailureModeCallback
+    from lightning_synth.data import SyntheticDataModule
+    from lightning_synth.datasets import load_digits_tensors
+    from lightning_synth.demos import ImageClassifier
+    from lightning_synth.engine import EpochContext
+
+    images, labels = load_digits_tensors()
+    levels = (images * 255).round().to(torch.uint8)
+
+    class Uint8Digits(L.LightningDataModule):
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(levels[:500], labels[:500])
+            return torch.utils.data.DataLoader(data, batch_size=50, shuffle=True)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(levels[500:700], labels[500:700]),
+                                               batch_size=100)
+
+    class Model(ImageClassifier):  # takes the user's uint8 batches (the analyzer's probes come in them too)
+        def forward(self, x):
+            return super().forward(x.float() / 255)
+
+    def synthetic():
+        return SyntheticDataModule(Uint8Digits(), generators=[TargetedAugmentation()], synthetic_budget=150)
+
+    dm = synthetic()
+    callbacks = [FailureModeCallback(max_samples=64, perturbations=["rotation", "contrast"]),
+                 ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
+    L.Trainer(max_epochs=2, callbacks=callbacks, **tkw(enable_checkpointing=True)).fit(
+        Model(image_size=8, arch="mlp"), datamodule=dm)
+    assert dm.engine.real.pixels.dtype == torch.uint8 and len(dm.pool) == 300
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["SyntheticDataModule"]
+    again = synthetic()
+    again.load_state_dict(state)
+    again.train_dataloader()  # binds the real data
+    assert again.engine.restore(EpochContext(epoch=2)) > 0
+    assert torch.equal(again.pool.sample_ids, dm.pool.sample_ids)
+    assert all(torch.equal(again.pool[i][0], dm.pool[i][0]) for i in range(len(dm.pool)))
