@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_MAPPED_BYTES", "mapped_zeros"]
+__all__ = ["MIN_MAPPED_BYTES", "mapped_extended", "mapped_zeros"]
 
 MIN_MAPPED_BYTES = 64 * 1024
 
@@ -39,3 +39,17 @@ def mapped_zeros(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     if nbytes < MIN_MAPPED_BYTES:
         return torch.zeros(shape, dtype=dtype)
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
+def mapped_extended(values: Tensor, n: int, fill: float | bool = 0) -> Tensor:
+    """``values`` followed by ``fill`` up to length ``n`` (``>= len(values)``), in a buffer of
+    :func:`mapped_zeros`.
+
+    Example:
+        >>> mapped_extended(torch.tensor([1.0, 2.0]), 4, fill=-1.0).tolist()
+        [1.0, 2.0, -1.0, -1.0]
+    """
+    out = mapped_zeros((n, *values.shape[1:]), values.dtype)
+    out[: len(values)] = values
+    out[len(values):] = fill
+    return out

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
+from lightning_synth.data.mapped import mapped_extended, mapped_zeros
+
 __all__ = ["REAL_GROUP", "AdaptiveSampler", "systematic_draw", "tempered_probabilities"]
 
 REAL_GROUP = "real"
@@ -212,13 +214,10 @@ class AdaptiveSampler(DistributedSampler):
         """Follow a dataset whose length changed: new indices are unseen (they get the prior), indices
         ``>= n`` are forgotten and leave their groups."""
         _check_int("n", n, 1)
-        if n > self._n:
-            extra = n - self._n
-            self._scores = torch.cat([self._scores, torch.zeros(extra, dtype=torch.float64)])
-            self._seen = torch.cat([self._seen, torch.zeros(extra, dtype=torch.bool)])
-            nan = torch.full((extra,), math.nan, dtype=torch.float64)
-            self.irreducible_losses = torch.cat([self.irreducible_losses, nan])
-            self._group_of = torch.cat([self._group_of, torch.zeros(extra, dtype=torch.long)])
+        if n > self._n:  # per-sample arrays live for epochs: on maps of their own (see `mapped_zeros`)
+            self._scores, self._seen = mapped_extended(self._scores, n, 0.0), mapped_extended(self._seen, n, False)
+            self.irreducible_losses = mapped_extended(self.irreducible_losses, n, math.nan)
+            self._group_of = mapped_extended(self._group_of, n, 0)
         else:
             self._scores, self._seen, self._group_of = self._scores[:n], self._seen[:n], self._group_of[:n]
             self.irreducible_losses = self.irreducible_losses[:n]
@@ -292,7 +291,7 @@ class AdaptiveSampler(DistributedSampler):
         """
         if not isinstance(groups, Mapping):
             raise TypeError(f"`groups` must be a dict of name -> index tensor, got {type(groups).__name__}")
-        group_of = torch.zeros(self._n, dtype=torch.long)
+        group_of = mapped_zeros((self._n,), torch.long)
         names: list[str] = []
         for name, indices in groups.items():
             if not isinstance(name, str) or not name or name == REAL_GROUP:

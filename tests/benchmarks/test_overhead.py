@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
@@ -43,3 +44,20 @@ def test_names_and_repeats_are_checked():
     assert overhead.parse_args(["--malloc-mmap-threshold", "131072"]).malloc_mmap_threshold == 131072
     with pytest.raises(ValueError, match="`--malloc-mmap-threshold` must be >= 0"):
         overhead.parse_args(["--malloc-mmap-threshold", "-1"])
+
+
+def test_memory_trace_is_passed_to_workers_and_charges_growth_to_the_phase():
+    args = overhead.parse_args(["--memory-trace"])
+    assert args.memory_trace and "--memory-trace" in overhead.worker_argv(args)
+    assert "--memory-trace" not in overhead.worker_argv(overhead.parse_args([]))
+    if overhead._status_kib("VmHWM") is None or not overhead._reset_peak_rss():
+        pytest.skip("needs Linux /proc/self/status and clear_refs")  # the worker's own conditions
+    trace = overhead.MemoryTrace(interval_s=0.01)
+    trace.reset()
+    clock = overhead.PhaseClock(trace)
+    with clock.phase("generation/test"):
+        buffer = torch.ones(64 * 2**20 // 4)  # 64 MiB, written: the high-water mark grows by about that
+    result = trace.result()
+    assert result["growth_mib"].get("generation/test", 0.0) > 32 and float(buffer[-1]) == 1.0
+    assert any(e["where"] == "generation/test" and e["at"] == "exit generation/test" for e in result["events"])
+    assert all("rss_mib" in e and "heap" in e for e in result["events"])  # glibc's heap beside each (Linux)
