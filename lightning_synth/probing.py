@@ -129,7 +129,6 @@ class PerturbationProber:
         if take == 0 or self.plan is None:
             return 0
         scored, start = 0, 0
-        chunk = self.probe_batch_size or max(len(targets), 1)  # forwards no larger than the batch
         while start < take:
             stop = take
             for stage in self.stages:
@@ -137,7 +136,7 @@ class PerturbationProber:
                     stop = start + stage - self.seen
                     break
             scored += self._probe_segment(inputs[start:stop], targets[start:stop], hits[start:stop],
-                                          keep[start:stop], score, value_range, chunk)
+                                          keep[start:stop], score, value_range)
             self.seen += stop - start
             start = stop
             if self.seen in self.stages:
@@ -190,7 +189,6 @@ class PerturbationProber:
 
     def _probe_segment(
         self, inputs: Tensor, targets: Tensor, hits: Tensor, keep: Tensor, score: ScoreFn, value_range: RangeFn,
-        chunk: int,
     ) -> int:
         assert self.plan is not None
         # The validation sampler shards round-robin, so local position p on rank r is dataset index p*W+r:
@@ -207,6 +205,7 @@ class PerturbationProber:
             return 0
         vr = value_range(images)
         unit = vr.to_unit(images)
+        chunk = self.probe_batch_size or max(len(targets), 1)
         ops = list(self.bank)
         batch: list[Tensor] = []
         pending: list[tuple[int, int]] = []
