@@ -110,3 +110,50 @@ def test_without_an_analyzer_the_draw_stays_uniform(tmp_path):
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(_Net(views), datamodule=DigitsDataModule())
     assert views.last_epoch is None and torch.allclose(views.probabilities(), torch.full((2,), 0.5))
+
+
+class _Spy(torch.nn.Module):
+    """Predicts from the mean pixel, so the hardest mix is the one whose mean moved furthest; counts calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.modes = 0, []
+
+    def forward(self, x):
+        self.calls += 1
+        self.modes.append(self.training)
+        mean = x.flatten(1).mean(1, keepdim=True)
+        return torch.cat([20 * mean, -20 * mean], dim=1)
+
+
+def test_candidates_keep_the_mix_furthest_from_the_clean_prediction():
+    images = torch.full((6, 1, 8, 8), 0.5)
+    spy = _Spy().train()
+    chains = MixingChains(["brightness"], candidates=4, num_views=2)
+    chains.module = spy
+    torch.manual_seed(0)
+    hardest = chains(images)
+    assert spy.calls == 2 and spy.modes == [False, False] and spy.training  # one clean + one candidate forward
+    chains.module = None  # without a module: one random mix per view, the same draw for the first candidate
+    torch.manual_seed(0)
+    random = chains(images)
+    shift = [float((v.mean((1, 2, 3)) - 0.5).abs().mean()) for v in (*hardest, *random)]
+    assert min(shift[:2]) > max(shift[2:]) * 0.99  # the kept mixes moved the prediction more
+
+
+def test_candidates_score_with_the_module_being_fit_and_release_it(tmp_path):
+    views = MixingChains(["rotation", "gaussian_noise"], max_depth=2, candidates=2)
+    module = _Net(views)
+    seen = []
+    module.net.register_forward_hook(lambda mod, args, out: seen.append(len(args[0])))
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, callbacks=[views], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=8))
+    assert seen[:3] == [8, 2 * 2 * 8, 3 * 8]  # clean, 2 candidates x 2 views, then the training forward
+    assert views.module is None
+
+
+def test_candidates_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="`candidates` must be"):
+        MixingChains(candidates=0)
