@@ -96,7 +96,7 @@ def lightning_synth_method(
     name: str, gan: bool = True, scenarios: bool = False, adaptive: bool = True, description: str = "",
     targeted: bool = True, consistency: bool = False, budget_fraction: float = 1 / 3, weight: float = 0.75,
     class_bias: float | None = None, floor: float | None = None, uniform_floor: float | None = None,
-    reducible: bool = False, untargeted_sampler: bool = False, candidates: int = 1,
+    reducible: bool = False, untargeted_sampler: bool = False,
 ) -> Method:
     """A lightning_synth variant; every argument left at its default keeps the library's default.
 
@@ -114,7 +114,6 @@ def lightning_synth_method(
         floor: ``MixingChains``' uniform floor (``None``: its default).
         untargeted_sampler: with ``targeted=False``, keep the loss-focused sampler (the ablation that leaves
             only the profile's targeting out).
-        candidates: ``MixingChains``' candidate mixes per view (the hardest for the model is kept).
         reducible: with ``adaptive``, the sampler weighs reducible loss
             (``AdaptiveSampling(irreducible=IrreducibleLoss(...))``, trained on the validation split).
     """
@@ -150,8 +149,6 @@ def lightning_synth_method(
         options: dict[str, Any] = {"analyzer": analyzer(ctx)} if targeted else {"floor": 1.0}
         if targeted and floor is not None:
             options["floor"] = floor
-        if candidates != 1:
-            options["candidates"] = candidates
         chains[ctx.seed] = MixingChains(bank_names(ctx), **options)
         return ctx.classifier(consistency=chains[ctx.seed])
 
@@ -159,7 +156,7 @@ def lightning_synth_method(
         out: list[Callback] = [analyzer(ctx)] if targeted else []
         irreducible = IrreducibleLoss(perturbations=bank_names(ctx), seed=ctx.seed) if reducible else None
         out.append(AdaptiveSampling(seed=ctx.seed, irreducible=irreducible))
-        if consistency and (targeted or candidates != 1):
+        if consistency and targeted:
             out.append(chains[ctx.seed])
         return out
 
@@ -204,9 +201,6 @@ VARIANTS: list[tuple[str, Callable[[], Method]]] = [
         uniform_floor=0.0, floor=0.5,
         description="ablation: the previous defaults (pure targeting + scenarios + class bias, loss-focused "
                     "sampler, chains floor 0.5)")),
-    ("ls_hardest_mix", lambda: lightning_synth_method(
-        "ls_hardest_mix", gan=False, consistency=True, candidates=3,
-        description="ablation: the defaults with the hardest of 3 candidate mixes per view (AugMax-style)")),
     ("ls_no_consistency", lambda: lightning_synth_method(
         "ls_no_consistency", gan=False,
         description="ablation: the defaults without the consistency objective")),

@@ -93,11 +93,6 @@ class MixingChains(Callback):
         step: step size of the exponentiated (Group-DRO) update on the profile's gaps.
         analyzer: the callback whose newest profile the draw follows at each training epoch start (as a
             Trainer callback); ``None``: only :meth:`update` moves it (untargeted until then).
-        candidates: mixes drawn per sample and view; with more than one, the module being fit (kept at fit
-            start when this is a Trainer callback, or set as ``module``) scores them in eval mode without
-            gradients and the one whose prediction is furthest (KL) from the clean image's is kept: hardness
-            inside the diversity of random chains, as AugMax does with adversarial mixing weights. Costs
-            ``1 + candidates * num_views`` batch forwards without gradient per call.
 
     Raises:
         TypeError: if ``perturbations`` is a string or ``analyzer`` is not a FailureModeCallback.
@@ -126,7 +121,6 @@ class MixingChains(Callback):
         floor: float = 0.9,
         step: float = 1.0,
         analyzer: FailureModeCallback | None = None,
-        candidates: int = 1,
     ) -> None:
         if isinstance(perturbations, str):
             raise TypeError(f"`perturbations` must be a list of names, not a string: {perturbations!r}")
@@ -139,7 +133,6 @@ class MixingChains(Callback):
         check_int("width", width, 1)
         check_int("max_depth", max_depth, 1)
         check_int("num_views", num_views, 1)
-        check_int("candidates", candidates, 1)
         for name, value, low, high in (("alpha", alpha, 0.0, math.inf), ("floor", floor, 0.0, 1.0),
                                        ("step", step, 0.0, math.inf)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
@@ -153,8 +146,6 @@ class MixingChains(Callback):
         self.width, self.max_depth, self.alpha = width, max_depth, float(alpha)
         self.max_severity, self.num_views = float(max_severity), num_views
         self.floor, self.step = float(floor), float(step)
-        self.candidates = candidates
-        self.module: torch.nn.Module | None = None
         self.q = torch.full((len(self.bank),), 1.0 / len(self.bank), dtype=torch.float64)
         self.last_epoch: int | None = None
 
@@ -194,31 +185,14 @@ class MixingChains(Callback):
     def mix(self, images: Tensor, num_views: int = 1) -> list[Tensor]:
         """``num_views`` views, each the Dirichlet mix of ``width`` chains blended with ``images`` by a Beta
         weight; all chains of all views run as one batch (each operation is one call on its rows)."""
-        b, k, c = len(images), self.width, self.candidates if self.module is not None else 1
+        b, k = len(images), self.width
         chains = self.chain(images.repeat(num_views * k, 1, 1, 1)).view(num_views, k, *images.shape)
-        concentration = torch.full((c, num_views, b, k), self.alpha)
-        weights = torch.distributions.Dirichlet(concentration).sample().to(images)  # (C, V, B, K)
-        keep = torch.distributions.Beta(self.alpha, self.alpha).sample((c, num_views, b)).to(images)
-        mixed = torch.einsum("cvbk,vkbxhw->cvbxhw", weights, chains)
-        keep = keep.view(c, num_views, b, 1, 1, 1)
-        views = (keep * images + (1 - keep) * mixed).clamp(0, 1)  # (C, V, B, ...)
-        if c > 1:
-            views = self._hardest(images, views)
-        return list(views[0].unbind(0))
-
-    def _hardest(self, images: Tensor, views: Tensor) -> Tensor:
-        """Per sample and view, the candidate mix whose prediction is furthest (KL) from the clean one."""
-        assert self.module is not None
-        module, training = self.module, self.module.training
-        module.eval()
-        try:
-            clean = F.log_softmax(module(images).float(), dim=-1)
-            cand = F.log_softmax(module(views.flatten(0, 2)).float(), dim=-1).view(*views.shape[:3], -1)
-        finally:
-            module.train(training)
-        divergence = (clean.exp() * (clean - cand)).sum(-1)  # (C, V, B)
-        pick = divergence.argmax(0).view(1, *views.shape[1:3], *[1] * (views.ndim - 3))
-        return views.gather(0, pick.expand(1, *views.shape[1:]))
+        concentration = torch.full((num_views, b, k), self.alpha)
+        weights = torch.distributions.Dirichlet(concentration).sample().to(images)  # (V, B, K)
+        keep = torch.distributions.Beta(self.alpha, self.alpha).sample((num_views, b)).to(images)
+        mixed = torch.einsum("vbk,vkbchw->vbchw", weights, chains)
+        keep = keep.view(num_views, b, 1, 1, 1)
+        return list((keep * images.unsqueeze(0) + (1 - keep) * mixed).clamp(0, 1).unbind(0))
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> list[Tensor]:
@@ -226,15 +200,6 @@ class MixingChains(Callback):
         if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
             raise ValueError(f"`images` must be float (B, C, H, W) in [0, 1], got {getattr(images, 'shape', images)}")
         return self.mix(images, self.num_views)
-
-    @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Keep the module being trained: with ``candidates > 1`` it scores the candidate mixes."""
-        self.module = pl_module if self.candidates > 1 else None
-
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.module = None
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
