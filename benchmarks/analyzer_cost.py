@@ -9,7 +9,8 @@ Fashion-MNIST, :class:`~lightning_synth.demos.ImageClassifier` (``arch="cnn"``),
 - ``full``: ``FailureModeCallback(full_sweep_every=1, sequential=False)``: every perturbation x severity on
   ``max_samples`` samples (9 x 5 x 256 = 11,520 extra forwards), the reference profile;
 - ``cheap``: ``FailureModeCallback()`` at its defaults (sequential stopping, severities around the last
-  frontier, a full sweep every 5 analyses), one instance carried across the checkpoints as during training.
+  frontier and the leading third of the cells, a full sweep every 5 analyses), one instance carried across the
+  checkpoints as during training.
 
 Reported per checkpoint and as medians: wall seconds, probe forwards, the ratio to ``none``, and the agreement
 of ``cheap`` with ``full`` on the same weights: Spearman rank correlation of the gaps of ``full``'s top-20

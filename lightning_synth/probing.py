@@ -40,8 +40,11 @@ class PerturbationProber:
         sequential: stop probing a cell once its place relative to the frontier is settled.
         probe_batch_size: images per probe forward (default: the size of the batch being probed).
         seed: seed of the probe perturbations.
-        stages: fractions of the probe budget after which settled cells stop.
+        stages: fractions of the probe budget after which cells stop (see :meth:`stop_mask`; the last one
+            is the rank stage).
         param_cache_bytes: probe parameters kept across passes (the probe subset does not change).
+        refresh_top: how many cells with the largest last gaps a window pass probes afresh as well (they
+            lead the ranking of weaknesses, and a kept measurement of them goes stale as the model trains).
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -68,12 +71,14 @@ class PerturbationProber:
         seed: int = 0,
         stages: Sequence[float] = (0.25, 0.5),
         param_cache_bytes: int = 256 * 2**20,
+        refresh_top: int = 0,
     ) -> None:
         self.bank, self.severities = bank, tuple(severities)
         self.max_samples, self.frontier_threshold = max_samples, frontier_threshold
         self.full_sweep_every, self.sequential = full_sweep_every, sequential
         self.probe_batch_size, self.seed = probe_batch_size, seed
         self.stage_fractions, self.param_cache_bytes = tuple(stages), param_cache_bytes
+        self.refresh_top = refresh_top
         self._param_cache: dict[tuple[Any, ...], Params] = {}
         self._param_cache_size = 0
         # Decision state (identical on every rank: derived from counts summed over ranks)
@@ -84,6 +89,7 @@ class PerturbationProber:
         # Pass state
         self.metric = ProbeAccuracy(len(bank), len(self.severities))
         self.plan: Tensor | None = None  # (P, S) cells to probe this pass
+        self.quick = torch.ones(len(bank), dtype=torch.bool)  # (P,) perturbations read quickly this pass
         self.stages: list[int] = []
         self.seen = 0
         self._world, self._rank = 1, 0
@@ -94,6 +100,9 @@ class PerturbationProber:
         self.metric = ProbeAccuracy(len(self.bank), len(self.severities)).to(device)
         self.seen = 0
         self.plan = self.probe_plan(profile)
+        # Perturbations read quickly this pass (settled cells stop at the first stage): all on the first
+        # analysis, else those whose frontier moved by more than a level.
+        self.quick = torch.tensor([self.memory is None or n in self.moved for n in self.bank.names])
         self._world, self._rank = world, rank
         per_rank = math.ceil(self.max_samples / world)
         stages = {math.ceil(per_rank * f) for f in self.stage_fractions} if self.sequential else set()
@@ -140,7 +149,9 @@ class PerturbationProber:
         return self._carry_over(counts)
 
     def after_analysis(self, profile: WeaknessProfile, previous: WeaknessProfile | None) -> None:
-        """Note which frontiers moved by more than a level since the ``previous`` profile."""
+        """Note which frontiers moved by more than a level since the ``previous`` profile (after the first
+        analysis: since the top severity, so the second analysis reads the whole ladder of every perturbation
+        whose frontier lies lower)."""
         before = previous.frontier if previous is not None else {}
         top = float(max(self.severities))
         self.moved = {n for n in self.bank.names
@@ -151,8 +162,9 @@ class PerturbationProber:
     # ------------------------------------------------------------------------------------- planning
     def probe_plan(self, profile: WeaknessProfile | None) -> Tensor:
         """Which (perturbation, severity) cells to probe: all on a full sweep, else a window of one level
-        around each perturbation's last frontier, and the whole ladder of a perturbation whose frontier moved
-        by more than a level (a deterministic function of synced state, so identical on every rank)."""
+        around each perturbation's last frontier, the whole ladder of a perturbation whose frontier moved by
+        more than a level, and the ``refresh_top`` cells with the largest last gaps (a deterministic
+        function of synced state, so identical on every rank)."""
         plan = torch.ones(len(self.bank), len(self.severities), dtype=torch.bool)
         full = self.full_next or self.memory is None or profile is None or (
             self.analyses % self.full_sweep_every == 0)
@@ -169,6 +181,10 @@ class PerturbationProber:
             else:  # the level nearest the frontier, one below and one above
                 near = math.floor(front + 0.5)
                 plan[p] = (sev >= near - 1) & (sev <= near + 1)
+        if self.refresh_top and self.memory is not None:
+            gap = paired_gap_interval(self.memory[:, :, 1:])[0].flatten()
+            order = torch.sort(gap, descending=True, stable=True).indices[: self.refresh_top]
+            plan.view(-1)[order] = True
         return plan
 
     def _probe_segment(
@@ -218,14 +234,62 @@ class PerturbationProber:
         return scored
 
     def _sequential_stop(self, reduce_sum: ReduceFn) -> None:
-        """Stop cells whose gap's confidence interval lies on one side of the frontier threshold (on counts
-        summed over ranks, so every rank stops the same cells)."""
+        """Stop the cells whose measurement is good enough for what it decides (on counts summed over ranks,
+        so every rank stops the same cells); see :meth:`stop_mask`."""
         if self.plan is None:
             return
         counts = reduce_sum(self.metric.counts().clone()).cpu()
-        _, low, high = paired_gap_interval(counts[:, :, 1:])
-        settled = (low > self.frontier_threshold) | (high < self.frontier_threshold)
-        self.plan = self.plan & ~(settled & (counts[1, :, 1:] > 0))
+        if self.memory is not None and self.memory.shape == counts.shape:  # cells outside the plan: last pass
+            counts = torch.where((counts[1] > 0).unsqueeze(0), counts, self.memory.to(counts.dtype))
+        rank_stage = self.seen >= self.stages[-1] if self.stages else True
+        stop = self.stop_mask(counts[:, :, 1:], self.frontier_threshold, rank_stage, self.quick)
+        self.plan = self.plan & ~stop
+
+    @staticmethod
+    def stop_mask(counts: Tensor, threshold: float, rank_stage: bool, quick: Tensor | None = None) -> Tensor:
+        """Which cells may stop, from ``(4, P, S)`` counts (severities in ladder order).
+
+        A cell *settles* once the confidence interval of its gap lies on one side of ``threshold``. How long
+        a cell is measured follows from what it decides:
+
+        - Before the ``rank_stage`` (the last stage), a level settled below the threshold stops, except the
+          highest one under a level that is not settled below (it brackets the frontier, and an early read
+          on the probe subset's first samples can be far off: their errors are shared by every cell).
+        - At the ``rank_stage`` every level stops but the unsettled ones at or below the crossing (the
+          first level whose gap reads at or over the threshold, else the top level): any of them may turn
+          out to be the frontier, so they run the whole budget. Levels settled above the threshold are
+          measured up to here, not stopped at the first stage: they are the largest weaknesses, and gaps
+          read on a quarter of the subset rank them too noisily.
+        - Rows where ``quick`` (``(P,)`` bool) is set are read quickly instead: every settled level stops at
+          the first stage it settles (the prober sets it for the first analysis and for perturbations whose
+          frontier moved by more than a level: while the model changes fast, a rough read is enough, and
+          the first analyses of a fit stay cheap).
+
+        Example:
+            >>> n = torch.full((1, 4), 64.0)  # one perturbation, 4 levels, 64 samples each
+            >>> flips = torch.tensor([[0.0, 0.0, 4.0, 40.0]])  # perturbed errors, each a flip of a clean hit
+            >>> counts = torch.stack([n - flips, n, n, flips])  # levels 1-2 settle below, 4 above, 3 does not
+            >>> PerturbationProber.stop_mask(counts, 0.1, rank_stage=False).tolist()  # level 2: the bracket
+            [[True, False, False, False]]
+            >>> PerturbationProber.stop_mask(counts, 0.1, rank_stage=True).tolist()  # level 3 may be the frontier
+            [[True, True, False, True]]
+            >>> PerturbationProber.stop_mask(counts, 0.1, rank_stage=False, quick=torch.tensor([True])).tolist()
+            [[True, True, False, True]]
+        """
+        gap, low, high = paired_gap_interval(counts)
+        seen = counts[1] > 0
+        below, above = seen & (high < threshold), seen & (low > threshold)
+        levels = torch.arange(below.shape[-1]).expand_as(below)
+        top = below.shape[-1]
+        if not rank_stage:
+            first_open = torch.where(~below, levels, top).amin(-1, keepdim=True)
+            stop = below & (levels != first_open - 1)
+        else:
+            crossing = torch.where(seen & (gap >= threshold), levels, top - 1).amin(-1, keepdim=True)
+            stop = seen & ~((levels <= crossing) & ~below & ~above)
+        if quick is not None:
+            stop = torch.where(quick.unsqueeze(-1), below | above, stop)
+        return stop
 
     def _probe_params(self, op: Perturbation, shape: torch.Size, severity: int, seeds: Tensor) -> Params:
         """Per-sample probe parameters, cached across epochs: the probe subset is the same every analysis."""

@@ -22,7 +22,7 @@ def test_a_full_pass_scores_every_cell_on_the_budget_then_the_plan_narrows_to_th
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     images, labels = torch.rand(40, 1, 8, 8), torch.randint(0, 10, (40,))
-    prober = _prober(max_samples=32, sequential=False, full_sweep_every=5)
+    prober = _prober(max_samples=32, sequential=False, full_sweep_every=5, refresh_top=0)
     scored, counts = _pass(prober, net, images, labels)
     assert scored == 2 * 5 * 32  # every cell on the first 32 samples, never more than the budget
     assert counts[1, :, 1:].eq(32).all() and counts[1, :, 0].eq(32).all()
@@ -56,3 +56,60 @@ def test_state_round_trips_and_a_memory_of_another_bank_is_dropped():
     old = _prober()
     old.load_state_dict({}, analyses=4)  # a checkpoint from before the key
     assert old.analyses == 4 and old.full_next
+
+
+def _counts(flips, n=64.0):
+    """``(4, P, S)`` counts of cells on ``n`` clean hits, ``flips`` of them lost under the perturbation."""
+    flips = torch.tensor(flips, dtype=torch.float64)
+    total = torch.full_like(flips, n)
+    return torch.stack([total - flips, total, total, flips])
+
+
+def test_early_stages_stop_cells_settled_below_but_the_one_under_the_frontier():
+    # levels 1-2 settle below (0 flips of 64), 3 does not (6), 4-5 settle above (40)
+    counts = _counts([[0, 0, 6, 40, 40]])
+    stop = PerturbationProber.stop_mask(counts, 0.1, rank_stage=False)
+    assert stop.tolist() == [[True, False, False, False, False]]  # level 2 brackets the frontier: it goes on
+
+
+def test_the_rank_stage_stops_all_but_the_unsettled_levels_that_may_hold_the_frontier():
+    # level 3 reads 0.09 (unsettled, below the threshold), level 4 reads 0.16 (the crossing), 5 settles above
+    counts = _counts([[0, 0, 6, 10, 40]])
+    stop = PerturbationProber.stop_mask(counts, 0.1, rank_stage=True)
+    assert stop.tolist() == [[True, True, False, False, True]]
+    # a level above the crossing cannot move the frontier: it stops even when unsettled
+    counts = _counts([[0, 12, 6, 7, 40]])
+    assert PerturbationProber.stop_mask(counts, 0.1, rank_stage=True).tolist() == [[True, False, True, True, True]]
+
+
+def test_quick_rows_stop_every_settled_cell_at_the_first_stage():
+    counts = _counts([[0, 0, 6, 40, 40], [0, 0, 6, 40, 40]])
+    stop = PerturbationProber.stop_mask(counts, 0.1, rank_stage=False, quick=torch.tensor([True, False]))
+    assert stop.tolist() == [[True, True, False, True, True], [True, False, False, False, False]]
+
+
+def test_a_window_pass_re_probes_the_cells_with_the_largest_last_gaps():
+    prober = _prober(refresh_top=3)
+    prober.memory, prober.full_next, prober.analyses = torch.zeros(4, 2, 6, dtype=torch.float64), False, 1
+    prober.memory[1] = 100
+    prober.memory[2] = 90  # clean hits
+    prober.memory[0, 0, 1:] = torch.tensor([90, 88, 80, 40, 30])  # rotation: gaps .0 .02 .1 .5 .6
+    prober.memory[0, 1, 1:] = torch.tensor([90, 90, 89, 85, 60])  # noise: gaps .0 .0 .01 .05 .3
+    plan = prober.probe_plan(WeaknessProfile(frontier={"rotation": 3.0, "gaussian_noise": 4.8}))
+    # windows: rotation 2-4, noise 4-5; refreshed: rotation@5, rotation@4, noise@5
+    assert plan.tolist() == [[False, True, True, True, True], [False, False, False, True, True]]
+    prober.refresh_top = 0
+    assert prober.probe_plan(WeaknessProfile(frontier={"rotation": 1.0, "gaussian_noise": 4.8}))[0].tolist() == [
+        True, True, False, False, False]
+
+
+def test_the_first_analysis_and_moved_frontiers_are_read_quickly_the_rest_precisely():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    images, labels = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    prober = _prober(max_samples=64)
+    _pass(prober, net, images, labels)
+    assert prober.quick.all()  # no memory yet
+    prober.after_analysis(WeaknessProfile(frontier={"rotation": 4.5, "gaussian_noise": 2.0}), None)
+    prober.start_pass(WeaknessProfile(frontier={"rotation": 4.5, "gaussian_noise": 2.0}), 1, 0, torch.device("cpu"))
+    assert prober.quick.tolist() == [False, True]  # noise's frontier lies more than a level below the top

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,13 +55,17 @@ class FailureModeCallback(Callback):
     Probing costs a fraction of a full sweep (perturbations x severities x ``max_samples``):
 
     - **Where it matters.** After the first analysis, only severities around each perturbation's last
-      failure frontier (one level below and above) are probed; the other cells keep their last
-      measurement. A full sweep runs every ``full_sweep_every`` analyses and after a frontier moved by more
-      than a level.
+      failure frontier (one level below and above) and the third of the cells with the largest last gaps
+      (the leading weaknesses) are probed; the other cells keep their last measurement. A full sweep runs
+      every ``full_sweep_every`` analyses and after a frontier moved by more than a level.
     - **Sequential.** The probe budget is spent in stages (a quarter, a half, all of ``max_samples``); a
-      cell stops once the confidence interval of its gap (paired with the clean predictions of the same
-      samples) lies entirely on one side of ``frontier_threshold``. Stage decisions use counts summed over
-      ranks, so every rank decides alike.
+      cell settles once the confidence interval of its gap (paired with the clean predictions of the same
+      samples) lies entirely on one side of ``frontier_threshold``. A cell settled below stops at a
+      quarter, unless it brackets the frontier; one settled above (a leading weakness) is measured on half
+      the budget, so that the ranking is not read off a few shared samples; the unsettled cells that may
+      hold the frontier run the whole budget. On the first analysis and for a perturbation whose frontier
+      moved, every settled cell stops at the first stage (a rough read while the model changes fast). Stage
+      decisions use counts summed over ranks, so every rank decides alike.
     - **Batched.** Per validation batch, every active cell's perturbed copies are concatenated and scored
       in forwards of ``probe_batch_size``; per-sample parameters come from counter-based hashing of (seed,
       sample index), drawn in one vectorised call.
@@ -122,7 +127,8 @@ class FailureModeCallback(Callback):
         'rotation'
     """
 
-    STAGES = (0.25, 0.5)  # fractions of the probe budget after which settled cells stop
+    STAGES = (0.25, 0.5)  # fractions of the probe budget after which cells stop (the last: the rank stage)
+    REFRESH_SHARE = 1 / 3  # share of the cells, those with the largest last gaps, that window passes re-probe
     PARAM_CACHE_BYTES = 256 * 2**20  # probe parameters kept across epochs (the probe subset does not change)
 
     def __init__(
@@ -194,6 +200,7 @@ class FailureModeCallback(Callback):
         self.prober = PerturbationProber(
             self.bank, self.severities, max_samples, frontier_threshold, full_sweep_every, sequential,
             probe_batch_size, seed, stages=self.STAGES, param_cache_bytes=self.PARAM_CACHE_BYTES,
+            refresh_top=math.ceil(len(self.bank) * len(self.severities) * self.REFRESH_SHARE),
         )
         self._tap = LogitsTap()
         self._warned_not_images = False

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -146,13 +147,18 @@ def test_ddp_profile_identical_on_ranks_and_equal_to_single_process(tmp_path, tk
     for devices, strategy, name in ((1, "auto", "single"), (2, "ddp", "ddp")):
         out = tmp_path / name
         out.mkdir()
-        subprocess.run([sys.executable, script, str(weights), str(out), str(devices), strategy], check=True,
-                       timeout=300)
+        # three analyses: two quick reads of the whole ladder, then a window pass with the precise stop rule
+        subprocess.run([sys.executable, script, str(weights), str(out), str(devices), strategy, "400", "3"],
+                       check=True, timeout=300)
     single = WeaknessProfile.from_json((tmp_path / "single" / "profile_rank0.json").read_text())
     rank0 = WeaknessProfile.from_json((tmp_path / "ddp" / "profile_rank0.json").read_text())
     rank1 = WeaknessProfile.from_json((tmp_path / "ddp" / "profile_rank1.json").read_text())
     assert rank0 == rank1
     assert rank0 == single
+    states = [json.loads((tmp_path / d / f"prober_rank{r}.json").read_text())
+              for d, r in (("single", 0), ("ddp", 0), ("ddp", 1))]
+    assert states[0]["analyses"] == 3 and states[0] == states[1] == states[2]
+    assert states[0]["moved"] == []  # same weights: the third analysis was a window pass, read precisely
     assert single.num_samples == 400 and 0 < single.get("perturbation/rotation@5").support <= 128
 
 
