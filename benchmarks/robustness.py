@@ -313,6 +313,8 @@ def merge_parts(paths: Sequence[Path], names: Sequence[str]) -> tuple[dict[str, 
                 runs[name].update({int(seed): result for seed, result in per_seed.items()})
         for family, per_method in part.get("lofo", {}).items():
             for name, stats in per_method.items():
+                if name not in runs:  # a method this merge does not list (its main runs are left out too)
+                    continue
                 lofo.setdefault(family, {}).setdefault(name, {}).update(
                     {int(seed): value for seed, value in stats["per_seed"].items()})
     missing = [name for name, per_seed in runs.items() if not per_seed]

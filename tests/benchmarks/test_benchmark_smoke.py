@@ -333,3 +333,12 @@ def test_worst_group_main_smoke(tmp_path):
     assert 0 <= run["worst_group"] <= run["worst_decile"] <= run["mean_group"] <= 1 and run["groups_evaluated"] > 50
     assert (tmp_path / "worst_group.png").stat().st_size > 0
     _check_export(tmp_path / "models" / "jtt.pt", channels=3)
+
+
+def test_merge_keeps_only_the_listed_methods_also_in_leave_one_family_out(tmp_path):
+    part = {"runs": {"erm": {"0": {"clean": 0.8}}, "augmix": {"0": {"clean": 0.81}}},
+            "lofo": {"blur": {"erm": {"per_seed": {"0": 0.7}}, "augmix": {"per_seed": {"0": 0.75}}}}}
+    path = tmp_path / "part.json"
+    path.write_text(json.dumps(part))
+    runs, lofo = robustness.merge_parts([path], ["augmix"])
+    assert runs == {"augmix": {0: {"clean": 0.81}}} and lofo == {"blur": {"augmix": {0: 0.75}}}
