@@ -238,9 +238,7 @@ class PerturbationProber:
         so every rank stops the same cells); see :meth:`stop_mask`."""
         if self.plan is None:
             return
-        counts = reduce_sum(self.metric.counts().clone()).cpu()
-        if self.memory is not None and self.memory.shape == counts.shape:  # cells outside the plan: last pass
-            counts = torch.where((counts[1] > 0).unsqueeze(0), counts, self.memory.to(counts.dtype))
+        counts = self._with_memory(reduce_sum(self.metric.counts().clone()).cpu())  # cells outside the plan
         rank_stage = self.seen >= self.stages[-1] if self.stages else True
         stop = self.stop_mask(counts[:, :, 1:], self.frontier_threshold, rank_stage, self.quick)
         self.plan = self.plan & ~stop
@@ -304,12 +302,18 @@ class PerturbationProber:
                 self._param_cache_size += size
         return params
 
+    def _with_memory(self, counts: Tensor) -> Tensor:
+        """``counts`` with every cell not probed this pass replaced by its last measurement (the clean column
+        is counted on every pass)."""
+        if self.memory is None or self.memory.shape != counts.shape:
+            return counts
+        fresh = counts[1] > 0
+        fresh[:, 0] = True
+        return torch.where(fresh.unsqueeze(0), counts, self.memory.to(counts.dtype))
+
     def _carry_over(self, counts: Tensor) -> Tensor:
         """Cells not probed this pass keep their last measurement (counts and paired gap)."""
-        if self.memory is not None and self.memory.shape == counts.shape:
-            fresh = counts[1] > 0
-            fresh[:, 0] = True
-            counts = torch.where(fresh.unsqueeze(0), counts, self.memory)
+        counts = self._with_memory(counts)
         if bool((counts[1, :, 1:] > 0).any()):
             self.memory = counts.clone()
         return counts
