@@ -3,7 +3,8 @@
 """What FailureModeCallback costs, and how its cheaper probing agrees with a full sweep.
 
 Fashion-MNIST, :class:`~lightning_synth.demos.ImageClassifier` (``arch="cnn"``), CPU. A model is trained for
-``--checkpoints`` epochs; after each epoch (a checkpoint) three validations run on the same weights, in turn:
+``--checkpoints`` epochs (one ``fit`` of one epoch each, in train mode); after each epoch (a checkpoint) three
+validations run on the same weights, in turn:
 
 - ``none``: ``trainer.validate`` without the analyzer (the baseline);
 - ``full``: ``FailureModeCallback(full_sweep_every=1, sequential=False)``: every perturbation x severity on
@@ -153,8 +154,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as root:
         run_validate(model, dm, root, FailureModeCallback(max_samples=16, pictures=False))  # warm-up, untimed
         for epoch in range(args.checkpoints):
+            model.train()  # Lightning keeps a module's mode: a model left in eval mode would train so (BatchNorm)
             make_trainer(root, [], max_epochs=1, limit_val_batches=0).fit(model, datamodule=dm)
-            model.eval()
             row: dict[str, Any] = {"checkpoint": epoch}
             full = FailureModeCallback(pictures=False, **VARIANTS["full"])
             for name, cb in (("none", None), ("full", full), ("cheap", cheap)):
