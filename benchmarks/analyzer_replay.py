@@ -17,7 +17,8 @@ Rules replayed (:data:`RULES`):
 - ``defaults``: :class:`~lightning_synth.callbacks.FailureModeCallback`'s rule (quick reads on the first analysis
   and for moved frontiers; window passes; stages at a quarter and half of the budget).
 - ``no_quick``: the window-pass stop rule on every pass (no quick reads).
-- ``no_quick_rank_at_3_4``: that, with the rank stage at three quarters of the budget (stages 1/4, 3/4).
+- ``no_quick_rank_at_5_8`` and ``no_quick_rank_at_3_4``: that, with the rank stage (the last) at five eighths or
+  three quarters of the budget (stages 1/4, 5/8 or 1/4, 3/4).
 - ``all_at_half``: every cell on the first half of the probe samples (a fixed budget, no sequential rule).
 
 Agreement as in :mod:`benchmarks.analyzer_cost`: Spearman correlation of the full sweep's top-20 weaknesses and
@@ -55,6 +56,7 @@ from lightning_synth.profile import WeaknessProfile
 RULES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "no_quick": {"quick": False},
+    "no_quick_rank_at_5_8": {"quick": False, "stages": (0.25, 0.625)},
     "no_quick_rank_at_3_4": {"quick": False, "stages": (0.25, 0.75)},
     "all_at_half": {"fixed": 0.5},
 }
