@@ -29,7 +29,6 @@ prints a table.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import statistics
 import sys
@@ -203,15 +202,15 @@ def _no_model(inputs: Tensor) -> Any:
 
 def replay(record: dict[str, Any], rule: dict[str, Any], max_samples: int, batch_size: int) -> list[dict[str, Any]]:
     """One rule over one seed's checkpoints (one prober carried across them, as in training)."""
-    defaults = FailureModeCallback(pictures=False)
+    defaults = FailureModeCallback(max_samples=max_samples, pictures=False)
+    live = defaults.prober  # the prober the callback builds: every setting a rule does not change is its own
     names, severities = record["names"], record["severities"]
     fixed = rule.get("fixed")
-    stages = (fixed,) if fixed is not None else rule.get("stages", FailureModeCallback.STAGES)
     prober = ReplayProber(
-        defaults.bank, severities, max_samples, defaults.frontier_threshold,
-        1 if fixed is not None else defaults.full_sweep_every, True, None, defaults.seed, stages=stages,
-        param_cache_bytes=0, refresh_top=math.ceil(len(names) * len(severities) * FailureModeCallback.REFRESH_SHARE),
-        quick=rule.get("quick", True), fixed=fixed,
+        live.bank, live.severities, live.max_samples, live.frontier_threshold,
+        1 if fixed is not None else live.full_sweep_every, live.sequential, live.probe_batch_size, live.seed,
+        stages=(fixed,) if fixed is not None else rule.get("stages", live.stage_fractions),
+        param_cache_bytes=0, refresh_top=live.refresh_top, quick=rule.get("quick", True), fixed=fixed,
     )
     rows: list[dict[str, Any]] = []
     previous: WeaknessProfile | None = None
