@@ -14,11 +14,12 @@ replay of the defaults must reproduce its probe forwards and agreement exactly (
 
 Rules replayed (:data:`RULES`):
 
-- ``defaults``: :class:`~lightning_synth.callbacks.FailureModeCallback`'s rule (quick reads on the first analysis
-  and for moved frontiers; window passes; stages at a quarter and half of the budget).
-- ``no_quick``: the window-pass stop rule on every pass (no quick reads).
-- ``no_quick_rank_at_5_8`` and ``no_quick_rank_at_3_4``: that, with the rank stage (the last) at five eighths or
-  three quarters of the budget (stages 1/4, 5/8 or 1/4, 3/4).
+- ``defaults``: :class:`~lightning_synth.callbacks.FailureModeCallback`'s rule (window passes; stages at 1/4 and
+  5/8 of the budget, the last one the rank stage; the same stop rule on every pass).
+- ``rank_at_half`` and ``rank_at_3_4``: the defaults with the rank stage at a half or three quarters of the
+  budget.
+- ``quick_reads_rank_at_half``: the callback's earlier defaults (``quick_reads=True``, rank stage at a half:
+  every settled cell stops at the first stage on the first analysis and for moved frontiers).
 - ``all_at_half``: every cell on the first half of the probe samples (a fixed budget, no sequential rule).
 
 Agreement as in :mod:`benchmarks.analyzer_cost`: Spearman correlation of the full sweep's top-20 weaknesses and
@@ -54,9 +55,9 @@ from lightning_synth.profile import WeaknessProfile
 
 RULES: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "no_quick": {"quick": False},
-    "no_quick_rank_at_5_8": {"quick": False, "stages": (0.25, 0.625)},
-    "no_quick_rank_at_3_4": {"quick": False, "stages": (0.25, 0.75)},
+    "rank_at_half": {"stages": (0.25, 0.5)},
+    "rank_at_3_4": {"stages": (0.25, 0.75)},
+    "quick_reads_rank_at_half": {"quick_reads": True, "stages": (0.25, 0.5)},
     "all_at_half": {"fixed": 0.5},
 }
 RHO_TARGET, FRONTIER_TARGET = 0.9, 0.5
@@ -163,20 +164,14 @@ class ReplayProber(PerturbationProber):
     """A :class:`PerturbationProber` whose probe segments read recorded hits instead of running the model;
     everything else (plans, stages, stop rules, carry-over) is the prober's own.
 
-    ``quick=False`` applies the window-pass stop rule on every pass; ``fixed`` probes every cell on that share
-    of the samples (a fixed budget).
+    ``fixed`` probes every cell on that share of the samples (a fixed budget).
     """
 
-    def __init__(self, *args: Any, quick: bool = True, fixed: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fixed: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.allow_quick, self.fixed = quick, fixed
+        self.fixed = fixed
         self.hits: Tensor = torch.zeros(0, dtype=torch.bool)
         self.clean: Tensor = torch.zeros(0, dtype=torch.bool)
-
-    def start_pass(self, profile: WeaknessProfile | None, world: int, rank: int, device: torch.device) -> None:
-        super().start_pass(profile, world, rank, device)
-        if not self.allow_quick:
-            self.quick = torch.zeros_like(self.quick)
 
     def _probe_segment(self, inputs: Tensor, targets: Tensor, hits: Tensor, keep: Tensor, score: Any,
                        value_range: Any) -> int:
@@ -210,7 +205,8 @@ def replay(record: dict[str, Any], rule: dict[str, Any], max_samples: int, batch
         live.bank, live.severities, live.max_samples, live.frontier_threshold,
         1 if fixed is not None else live.full_sweep_every, live.sequential, live.probe_batch_size, live.seed,
         stages=(fixed,) if fixed is not None else rule.get("stages", live.stage_fractions),
-        param_cache_bytes=0, refresh_top=live.refresh_top, quick=rule.get("quick", True), fixed=fixed,
+        param_cache_bytes=0, refresh_top=live.refresh_top, quick_reads=rule.get("quick_reads", live.quick_reads),
+        fixed=fixed,
     )
     rows: list[dict[str, Any]] = []
     previous: WeaknessProfile | None = None

@@ -45,6 +45,8 @@ class PerturbationProber:
         param_cache_bytes: probe parameters kept across passes (the probe subset does not change).
         refresh_top: how many cells with the largest last gaps a window pass probes afresh as well (they
             lead the ranking of weaknesses, and a kept measurement of them goes stale as the model trains).
+        quick_reads: read the first analysis and perturbations whose frontier moved quickly (every settled
+            cell stops at the first stage; see :meth:`stop_mask`): cheaper, rougher rankings.
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -69,16 +71,17 @@ class PerturbationProber:
         sequential: bool = True,
         probe_batch_size: int | None = None,
         seed: int = 0,
-        stages: Sequence[float] = (0.25, 0.5),
+        stages: Sequence[float] = (0.25, 0.625),
         param_cache_bytes: int = 256 * 2**20,
         refresh_top: int = 0,
+        quick_reads: bool = False,
     ) -> None:
         self.bank, self.severities = bank, tuple(severities)
         self.max_samples, self.frontier_threshold = max_samples, frontier_threshold
         self.full_sweep_every, self.sequential = full_sweep_every, sequential
         self.probe_batch_size, self.seed = probe_batch_size, seed
         self.stage_fractions, self.param_cache_bytes = tuple(stages), param_cache_bytes
-        self.refresh_top = refresh_top
+        self.refresh_top, self.quick_reads = refresh_top, quick_reads
         self._param_cache: dict[tuple[Any, ...], Params] = {}
         self._param_cache_size = 0
         # Decision state (identical on every rank: derived from counts summed over ranks)
@@ -89,7 +92,7 @@ class PerturbationProber:
         # Pass state
         self.metric = ProbeAccuracy(len(bank), len(self.severities))
         self.plan: Tensor | None = None  # (P, S) cells to probe this pass
-        self.quick = torch.ones(len(bank), dtype=torch.bool)  # (P,) perturbations read quickly this pass
+        self.quick = torch.zeros(len(bank), dtype=torch.bool)  # (P,) perturbations read quickly this pass
         self.stages: list[int] = []
         self.seen = 0
         self._world, self._rank = 1, 0
@@ -100,9 +103,10 @@ class PerturbationProber:
         self.metric = ProbeAccuracy(len(self.bank), len(self.severities)).to(device)
         self.seen = 0
         self.plan = self.probe_plan(profile)
-        # Perturbations read quickly this pass (settled cells stop at the first stage): all on the first
-        # analysis, else those whose frontier moved by more than a level.
-        self.quick = torch.tensor([self.memory is None or n in self.moved for n in self.bank.names])
+        # Perturbations read quickly this pass (settled cells stop at the first stage), with ``quick_reads``:
+        # all on the first analysis, else those whose frontier moved by more than a level.
+        self.quick = torch.tensor([self.quick_reads and (self.memory is None or n in self.moved)
+                                   for n in self.bank.names])
         self._world, self._rank = world, rank
         per_rank = math.ceil(self.max_samples / world)
         stages = {math.ceil(per_rank * f) for f in self.stage_fractions} if self.sequential else set()
@@ -259,9 +263,9 @@ class PerturbationProber:
           measured up to here, not stopped at the first stage: they are the largest weaknesses, and gaps
           read on a quarter of the subset rank them too noisily.
         - Rows where ``quick`` (``(P,)`` bool) is set are read quickly instead: every settled level stops at
-          the first stage it settles (the prober sets it for the first analysis and for perturbations whose
-          frontier moved by more than a level: while the model changes fast, a rough read is enough, and
-          the first analyses of a fit stay cheap).
+          the first stage it settles (a prober with ``quick_reads`` sets it for the first analysis and for
+          perturbations whose frontier moved by more than a level: cheaper first analyses, but gaps read on
+          a quarter of the subset rank the largest weaknesses too noisily).
 
         Example:
             >>> n = torch.full((1, 4), 64.0)  # one perturbation, 4 levels, 64 samples each

@@ -103,13 +103,17 @@ def test_a_window_pass_re_probes_the_cells_with_the_largest_last_gaps():
         True, True, False, False, False]
 
 
-def test_the_first_analysis_and_moved_frontiers_are_read_quickly_the_rest_precisely():
+def test_quick_reads_read_the_first_analysis_and_moved_frontiers_quickly_the_defaults_never():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     images, labels = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    prober = _prober(max_samples=64)
-    _pass(prober, net, images, labels)
-    assert prober.quick.all()  # no memory yet
-    prober.after_analysis(WeaknessProfile(frontier={"rotation": 4.5, "gaussian_noise": 2.0}), None)
-    prober.start_pass(WeaknessProfile(frontier={"rotation": 4.5, "gaussian_noise": 2.0}), 1, 0, torch.device("cpu"))
+    moved = WeaknessProfile(frontier={"rotation": 4.5, "gaussian_noise": 2.0})
+    prober, precise = _prober(max_samples=64, quick_reads=True), _prober(max_samples=64)
+    for p in (prober, precise):
+        _pass(p, net, images, labels)
+    assert prober.quick.all() and not precise.quick.any()  # no memory yet: quick reads read every row quickly
+    for p in (prober, precise):
+        p.after_analysis(moved, None)
+        p.start_pass(moved, 1, 0, torch.device("cpu"))
     assert prober.quick.tolist() == [False, True]  # noise's frontier lies more than a level below the top
+    assert not precise.quick.any()

@@ -58,14 +58,12 @@ class FailureModeCallback(Callback):
       failure frontier (one level below and above) and the third of the cells with the largest last gaps
       (the leading weaknesses) are probed; the other cells keep their last measurement. A full sweep runs
       every ``full_sweep_every`` analyses and after a frontier moved by more than a level.
-    - **Sequential.** The probe budget is spent in stages (a quarter, a half, all of ``max_samples``); a
-      cell settles once the confidence interval of its gap (paired with the clean predictions of the same
-      samples) lies entirely on one side of ``frontier_threshold``. A cell settled below stops at a
-      quarter, unless it brackets the frontier; one settled above (a leading weakness) is measured on half
-      the budget, so that the ranking is not read off a few shared samples; the unsettled cells that may
-      hold the frontier run the whole budget. On the first analysis and for a perturbation whose frontier
-      moved, every settled cell stops at the first stage (a rough read while the model changes fast). Stage
-      decisions use counts summed over ranks, so every rank decides alike.
+    - **Sequential.** The probe budget is spent in stages (1/4, 5/8, all of ``max_samples``); a cell
+      settles once the confidence interval of its gap (paired with the clean predictions of the same
+      samples) lies on one side of ``frontier_threshold``. A cell settled below stops at a quarter, unless
+      it brackets the frontier; one settled above (a leading weakness) is measured on 5/8 of the budget, so
+      that the ranking is not read off a few shared samples; unsettled cells that may hold the frontier run
+      the whole budget. Stage decisions use counts summed over ranks, so every rank decides alike.
     - **Batched.** Per validation batch, every active cell's perturbed copies are concatenated and scored
       in forwards of ``probe_batch_size``; per-sample parameters come from counter-based hashing of (seed,
       sample index), drawn in one vectorised call.
@@ -99,6 +97,8 @@ class FailureModeCallback(Callback):
             no more memory than validation).
         ignore_index: target value that marks a sample to leave out (as in ``cross_entropy``).
         value_range: the range and dtype of the inputs (default: detected from the first validation batch).
+        quick_reads: on the first analysis and for moved frontiers, stop every settled cell at a quarter of
+            the budget: cheaper, but a noisier ranking of weaknesses (``benchmarks/analyzer_replay.py``).
 
     Raises:
         ValueError: if a number is out of range, a severity is not in ``1..5``, a perturbation is unknown or
@@ -127,7 +127,7 @@ class FailureModeCallback(Callback):
         'rotation'
     """
 
-    STAGES = (0.25, 0.5)  # fractions of the probe budget after which cells stop (the last: the rank stage)
+    STAGES = (0.25, 0.625)  # fractions of the probe budget after which cells stop (the last: the rank stage)
     REFRESH_SHARE = 1 / 3  # share of the cells, those with the largest last gaps, that window passes re-probe
     PARAM_CACHE_BYTES = 256 * 2**20  # probe parameters kept across epochs (the probe subset does not change)
 
@@ -153,6 +153,7 @@ class FailureModeCallback(Callback):
         probe_batch_size: int | None = None,
         ignore_index: int = -100,
         value_range: ValueRange | None = None,
+        quick_reads: bool = False,
     ) -> None:
         super().__init__()
         self.bank = PerturbationBank(perturbations)
@@ -165,8 +166,9 @@ class FailureModeCallback(Callback):
         check_int("ignore_index", ignore_index, -(2**62))
         if probe_batch_size is not None:
             check_int("probe_batch_size", probe_batch_size, 1)
-        if not isinstance(sequential, bool):
-            raise TypeError(f"`sequential` must be a bool, got {type(sequential).__name__}: {sequential!r}")
+        for name, flag in (("sequential", sequential), ("quick_reads", quick_reads)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}: {flag!r}")
         if value_range is not None and not isinstance(value_range, ValueRange):
             raise TypeError(f"`value_range` must be a ValueRange or None, got {type(value_range).__name__}")
         if class_names is not None and (
@@ -201,10 +203,10 @@ class FailureModeCallback(Callback):
             self.bank, self.severities, max_samples, frontier_threshold, full_sweep_every, sequential,
             probe_batch_size, seed, stages=self.STAGES, param_cache_bytes=self.PARAM_CACHE_BYTES,
             refresh_top=math.ceil(len(self.bank) * len(self.severities) * self.REFRESH_SHARE),
+            quick_reads=quick_reads,
         )
         self._tap = LogitsTap()
-        self._warned_not_images = False
-        self._active = False
+        self._warned_not_images, self._active = False, False
         self._metrics: dict[str, Any] = {}
         self._slice_metrics: dict[str, GroupAccuracy] = {}
         self._padding = PaddingFilter()
@@ -315,8 +317,7 @@ class FailureModeCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, capture: bool = True, loader: Any | None = None
     ) -> None:
         self._tap.remove()
-        self._metrics = {}
-        self._slice_metrics = {}
+        self._metrics, self._slice_metrics = {}, {}
         self._padding = PaddingFilter(_padded_dataset_len(trainer, loader))
         self.prober.start_pass(self.profile, max(trainer.world_size, 1), trainer.global_rank, pl_module.device)
         if capture:
@@ -356,8 +357,7 @@ class FailureModeCallback(Callback):
 
     def _init_class_metrics(self, num_classes: int, device: torch.device) -> None:
         if self.class_names is not None and len(self.class_names) != num_classes:
-            raise ValueError(f"`class_names` has {len(self.class_names)} names but the model has {num_classes} "
-                             "classes")
+            raise ValueError(f"`class_names` has {len(self.class_names)} names but the model has {num_classes} classes")
         labels = self.class_names or [str(c) for c in range(num_classes)]
         self._metrics["confusion"] = MulticlassConfusionMatrix(num_classes).to(device)
         recall = MulticlassRecall(num_classes, average=None)

@@ -2,8 +2,8 @@
 
 Usage: python ddp_failure_mode_script.py WEIGHTS OUT_DIR DEVICES STRATEGY [VAL_SIZE] [ANALYSES]
 
-With ANALYSES > 1 the same callback validates that many times (the later passes are window passes with the
-precise stop rule) and each rank also writes the prober's decision state (``prober_rank<r>.json``).
+With ANALYSES > 1 the same callback validates that many times (the later passes are planned from the last
+profile) and each rank also writes the prober's decision state (``prober_rank<r>.json``).
 """
 
 import json

@@ -38,6 +38,8 @@ def test_bad_arguments_raise():
         FailureModeCallback(slice_fn=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`batch_adapter` must be"):
         FailureModeCallback(batch_adapter="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`quick_reads` must be a bool, got str: 'yes'"):
+        FailureModeCallback(quick_reads="yes")  # type: ignore[arg-type]
 
 
 def test_rotation_is_a_top_weakness_and_grows_with_severity(tkw):
@@ -147,7 +149,7 @@ def test_ddp_profile_identical_on_ranks_and_equal_to_single_process(tmp_path, tk
     for devices, strategy, name in ((1, "auto", "single"), (2, "ddp", "ddp")):
         out = tmp_path / name
         out.mkdir()
-        # three analyses: two quick reads of the whole ladder, then a window pass with the precise stop rule
+        # three analyses: the whole ladder, then passes planned from the last profile (the sequential stop rule)
         subprocess.run([sys.executable, script, str(weights), str(out), str(devices), strategy, "400", "3"],
                        check=True, timeout=300)
     single = WeaknessProfile.from_json((tmp_path / "single" / "profile_rank0.json").read_text())
