@@ -685,8 +685,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="DFR's L2 penalty (chosen on validation from 0, 1e-5, 1e-4, ..., 1e-1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                        help="train nothing: pool the runs of these results files (e.g. more seeds of some methods) "
-                             "and write the table and paired intervals of the union")
+                        help="train nothing: pool the runs of these results files (e.g. more seeds of some methods; "
+                             "a later file's run of a method and seed replaces an earlier one) and write the table "
+                             "and paired intervals of the union")
     parser.add_argument("--gan-steps", type=int, default=300)
     parser.add_argument("--gan-width", type=int, default=16)
     parser.add_argument("--gan-min-quality", type=float, default=0.0)
@@ -810,11 +811,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     quiet_lightning()
     if args.merge:
-        runs, descriptions, commits = merge_runs(args.merge)
+        runs, descriptions, commits, sources = merge_runs(args.merge)
         add_before_refit_rows(runs)
         first = json.loads(Path(args.merge[0]).read_text())["config"]
+        kept = {m: {str(k): v for k, v in sorted(per.items())} for m, per in sources.items()}
         return report(args, runs, descriptions, int(first["train_size_used"]), int(first["test_size_used"]),
-                      {"merged_from": [str(p) for p in args.merge], "merged_commits": commits})
+                      {"merged_from": [str(p) for p in args.merge], "merged_commits": commits, "merged_sources": kept})
     share = args.synthetic_share
     overrides = {
         "jtt": make_jtt(args.jtt_epochs, args.jtt_upweight),
@@ -854,10 +856,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return report(args, runs, {m.name: m.description for m in methods}, train_size, len(reference.test_set))
 
 
-def merge_runs(paths: Sequence[Path]) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, str], list[str]]:
-    """The runs of several results files, pooled per method and seed (a seed of a method in two files is an
-    error); also the methods' descriptions and each file's ``commit``."""
+def merge_runs(paths: Sequence[Path]) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, str], list[str],
+                                               dict[str, dict[int, str]]]:
+    """The runs of several results files, pooled per method and seed: a later file's run of a method and seed
+    replaces an earlier one (a re-run at another commit). Also the methods' descriptions, each file's
+    ``commit``, and which file each kept run came from."""
     runs: dict[str, dict[int, dict[str, Any]]] = {}
+    sources: dict[str, dict[int, str]] = {}
     descriptions: dict[str, str] = {}
     commits = []
     for path in paths:
@@ -868,10 +873,9 @@ def merge_runs(paths: Sequence[Path]) -> tuple[dict[str, dict[int, dict[str, Any
             if name.endswith("_before_refit"):
                 continue  # rebuilt from the method's own runs
             for seed, run in per_seed.items():
-                if int(seed) in runs.setdefault(name, {}):
-                    raise ValueError(f"`--merge`: {name} seed {seed} is in more than one file")
-                runs[name][int(seed)] = run
-    return runs, descriptions, commits
+                runs.setdefault(name, {})[int(seed)] = run
+                sources.setdefault(name, {})[int(seed)] = str(path)
+    return runs, descriptions, commits, sources
 
 
 def report(

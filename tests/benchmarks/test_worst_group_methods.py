@@ -103,6 +103,9 @@ def test_merge_pools_seeds_from_two_results_files(tmp_path: Path) -> None:
     assert sorted(saved["runs"]["dfr"]) == ["0", "1"] and merged["config"]["merged_commits"]
     [pair] = [p for p in saved["paired"] if p["pair"] == "erm_refit - dfr" and p["metric"] == "worst_group"]
     assert pair["n"] == 2  # one seed from each file
-    with pytest.raises(ValueError, match="more than one file"):
-        worst_group.main([*TINY, "--merge", str(tmp_path / "0" / "worst_group.json"),
-                          str(tmp_path / "0" / "worst_group.json"), "--results-dir", str(tmp_path / "dup")])
+    # a later file's run of a method and seed replaces an earlier one (a re-run), and the JSON says which
+    files = [str(tmp_path / d / "worst_group.json") for d in ("0", "1", "0")]
+    worst_group.main([*TINY, "--merge", *files, "--results-dir", str(tmp_path / "rerun")])
+    rerun = json.loads((tmp_path / "rerun" / "worst_group.json").read_text())
+    assert rerun["runs"] == saved["runs"]
+    assert rerun["config"]["merged_sources"]["dfr"] == {"0": files[2], "1": files[1]}
