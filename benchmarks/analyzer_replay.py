@@ -43,7 +43,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from benchmarks.analyzer_cost import agreement, make_trainer, run_validate
+from benchmarks.analyzer_cost import VARIANTS, agreement, make_trainer, run_validate
 from benchmarks.common import RESULTS_DIR, format_table, machine_info, quiet_lightning, write_json
 from lightning_synth.analysis import ProbeAccuracy, build_profile
 from lightning_synth.callbacks import failure_mode
@@ -139,8 +139,7 @@ def record_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             model.train()
             make_trainer(root, [], max_epochs=1, limit_val_batches=0).fit(model, datamodule=dm)
             run_validate(model, dm, root, None)
-            full = FailureModeCallback(max_samples=args.max_samples, full_sweep_every=1, sequential=False,
-                                       pictures=False)
+            full = FailureModeCallback(max_samples=args.max_samples, pictures=False, **VARIANTS["full"])
             with recording() as recorded:
                 run_validate(model, dm, root, full)
             _, forwards = run_validate(model, dm, root, live)
