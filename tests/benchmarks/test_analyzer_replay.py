@@ -24,6 +24,14 @@ def test_replay_reproduces_the_live_analyzer_and_compares_rules(tmp_path):
     full = 9 * 5 * 64  # the default bank and ladder on 64 probe samples
     half = saved["results"]["all_at_half"]["0"]
     assert [r["forwards"] for r in half] == [full // 2, full // 2]  # every cell on the first half of the samples
+    # Rules that differ from another only after the first analysis share its first checkpoint.
+    results = saved["results"]
+    for rule, same_first in (("window_second", "defaults"), ("later_rank_at_half", "defaults"),
+                             ("first_rank_at_half", "rank_at_half"), ("window_second_rank_at_half", "rank_at_half")):
+        assert results[rule]["0"][0] == results[same_first]["0"][0], rule
+    for name, s in saved["summary"].items():
+        rows = results[name]["0"]
+        assert s["first_two_share_of_full"] == pytest.approx(sum(r["forwards"] for r in rows[:2]) / (2 * full))
     for rows in (saved["results"][name]["0"] for name in analyzer_replay.RULES):
         assert len(rows) == 2 and all(0 < r["forwards"] <= full for r in rows)
         assert all(-1.0 <= r["top20_spearman"] <= 1.0 and r["max_frontier_diff"] >= 0 for r in rows)
