@@ -9,7 +9,8 @@ many samples per epoch as the real set has, so the epochs line up too), validati
 
 Configurations:
 
-- ``plain``: ``FashionMNISTDataModule`` and no callbacks: plain Lightning.
+- ``plain``: ``FashionMNISTDataModule`` and no callbacks: plain Lightning (with the benchmark's own two timing
+  callbacks, as in every configuration; see :class:`LoopSplit`).
 - ``full``: ``SyntheticDataModule(dm)`` with its default generators (``TargetedAugmentation()`` alone) +
   ``FailureModeCallback()`` + ``AdaptiveSampling()``, all at their defaults (the ``SynthesisCallback`` is added
   by the datamodule).
@@ -32,6 +33,13 @@ file changes): **analyzer** = every ``FailureModeCallback`` hook (its probes inc
 Time is charged to the innermost timed call (a probe forward that fires the sampling callback's forward hook is
 charged to sampling). Not timed: the per-item cost of the mixed real+synthetic dataset in the data loader;
 it lands in ``other`` = (full - plain) - phases, together with the run-to-run noise of a shared machine.
+
+Every configuration also splits its fit by where the loop is (:class:`LoopSplit`, two callbacks around the
+others): **train batches** (from the first ``on_train_batch_start`` to the last ``on_train_batch_end``: the
+training step and every callback's batch hooks), **between batches** (data loading and Lightning's loop inside
+an epoch) and **validation** (the analyzer included); the rest is epoch boundaries (where the system
+generates) and setup. A difference in *train batches* between configurations is training work or noise, one
+in *between batches* is mostly the mixed dataset's items.
 
 Repeats are interleaved, alternating the order (ABBA...) so drift hits every configuration alike; reported:
 median wall / CPU seconds, ratio of medians to ``plain``, the per-repeat (paired) ratios with their median,
@@ -215,6 +223,49 @@ def instrument(clock: PhaseClock) -> dict[str, list[str]]:
     return dict(done)
 
 
+class LoopSplit:
+    """Seconds of a fit by where the loop is: ``train_batches``, ``between_batches``, ``validation``.
+
+    :meth:`callbacks` gives two callbacks to put first and last in the trainer's list, so that a training
+    batch runs from the first callback's ``on_train_batch_start`` to the last one's ``on_train_batch_end``.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = {"train_batches": 0.0, "between_batches": 0.0, "validation": 0.0}
+        self._batch_start: float | None = None
+        self._batch_end: float | None = None  # None at an epoch's start and after validation
+        self._validation_start = 0.0
+
+    def callbacks(self) -> tuple[Callback, Callback]:
+        split = self
+
+        class First(Callback):
+            def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+                split._batch_end = None
+
+            def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                     batch_idx: int) -> None:
+                split._batch_start = time.perf_counter()
+                if split._batch_end is not None:
+                    split.seconds["between_batches"] += split._batch_start - split._batch_end
+
+            def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+                split._validation_start = time.perf_counter()
+
+        class Last(Callback):
+            def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                   batch: Any, batch_idx: int) -> None:
+                split._batch_end = time.perf_counter()
+                if split._batch_start is not None:
+                    split.seconds["train_batches"] += split._batch_end - split._batch_start
+
+            def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+                split.seconds["validation"] += time.perf_counter() - split._validation_start
+                split._batch_end = None
+
+        return First(), Last()
+
+
 # ------------------------------------------------------------------------------------------------ memory
 def _status_kib(field: str) -> int | None:
     try:
@@ -357,11 +408,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     instrumented = instrument(clock)
     L.seed_everything(args.seed, verbose=False)
     model, dm, callbacks = build(config, args)
+    split = LoopSplit()
+    first, last = split.callbacks()
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
             accelerator="cpu", devices=1, max_steps=max_steps(args), max_epochs=-1, logger=False,
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-            num_sanity_val_steps=0, default_root_dir=root, callbacks=callbacks,
+            num_sanity_val_steps=0, default_root_dir=root, callbacks=[first, *callbacks, last],
         )
         rss_before = _status_kib("VmRSS")
         peak_reset = _reset_peak_rss()
@@ -377,6 +430,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "fit_cpu_s": cpu,  # all threads of this process; steadier than wall time on a shared machine
         "phases_s": dict(sorted(clock.seconds.items())),
         "phase_calls": dict(sorted(clock.calls.items())),
+        "loop_s": dict(split.seconds),
         "instrumented": instrumented,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "rss_before_fit_mib": _mib(rss_before),
@@ -501,6 +555,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
                                           else None for p, s in entry["phases_s"].items()}
         entry["other_s"] = entry["fit_wall_s"]["added"] - attributed if config != BASELINE else 0.0
         entry["phases_ratio_to_plain"] = {p: s / med["fit_wall_s"] for p, s in entry["phases_s"].items()}
+        if all("loop_s" in r for r in (*results, *base)):  # absent from results of older commits
+            entry["loop_s"] = {k: statistics.median(r["loop_s"][k] for r in results) for k in results[0]["loop_s"]}
+            entry["loop_added_s"] = {k: v - statistics.median(r["loop_s"][k] for r in base)
+                                     for k, v in entry["loop_s"].items()}
         for key in ("analyses", "generated", "pool_size", "callbacks", "steps", "val_batches"):
             entry[key] = results[-1][key]
         for key in ("pool_mib", "real_cache_mib", "real_cache_dtype"):  # absent from results of older commits
@@ -529,6 +587,15 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                "generation s", "sampling s", "other s", "peak RSS MiB", "RSS ratio", "paired RSS [min-max]",
                "fit +RSS MiB"]
     return format_table(headers, rows)
+
+
+def loop_table(results: dict[str, dict[str, Any]]) -> str:
+    """The loop split's medians per configuration, with the difference to plain (empty without the split)."""
+    rows = [[config, *(f"{r['loop_s'][k]:.1f} ({r['loop_added_s'][k]:+.1f})" for k in r["loop_s"])]
+            for config, r in results.items() if "loop_s" in r]
+    if not rows:
+        return ""
+    return format_table(["config", "train batches s (vs plain)", "between batches s", "validation s"], rows)
 
 
 def _paired(stat: dict[str, Any]) -> str:
@@ -598,6 +665,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = summarize(runs)
     print()
     print(table(results))
+    print()
+    print(loop_table(results))
     payload = {
         "benchmark": "overhead",
         "command": command,

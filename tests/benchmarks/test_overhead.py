@@ -61,3 +61,29 @@ def test_memory_trace_is_passed_to_workers_and_charges_growth_to_the_phase():
     assert result["growth_mib"].get("generation/test", 0.0) > 32 and float(buffer[-1]) == 1.0
     assert any(e["where"] == "generation/test" and e["at"] == "exit generation/test" for e in result["events"])
     assert all("rss_mib" in e and "heap" in e for e in result["events"])  # glibc's heap beside each (Linux)
+
+
+def test_the_loop_split_is_summarized_against_plain():
+    def with_loop(run, batches, between, validation):
+        return dict(run, loop_s={"train_batches": batches, "between_batches": between, "validation": validation})
+
+    runs = {"plain": [with_loop(_run("plain", 10.0, 100.0), 8.0, 0.5, 1.0)],
+            "full": [with_loop(_run("full", 12.0, 100.0), 8.2, 1.0, 2.5)]}
+    entry = overhead.summarize(runs)["full"]
+    assert entry["loop_added_s"] == pytest.approx({"train_batches": 0.2, "between_batches": 0.5, "validation": 1.5})
+    assert "8.2 (+0.2)" in overhead.loop_table(overhead.summarize(runs))
+    assert overhead.loop_table(overhead.summarize({"plain": [_run("plain", 10.0, 100.0)]})) == ""
+
+
+def test_the_loop_split_times_a_real_fit():
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_synth.demos import ImageClassifier
+
+    split = overhead.LoopSplit()
+    data = TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0, callbacks=list(split.callbacks()))
+    trainer.fit(ImageClassifier(image_size=8), DataLoader(data, batch_size=8), DataLoader(data, batch_size=16))
+    assert all(v > 0 for v in split.seconds.values()), split.seconds
