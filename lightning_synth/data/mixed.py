@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sized
+from collections.abc import Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -53,6 +53,21 @@ class MixedDataset(Dataset):
             return self.real[index]
         inputs, target = self.pool[index - self.num_real]
         return self._as_real(self.value_range.from_unit(inputs), target)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """The samples at ``indices`` (what ``[self[i] for i in indices]`` gives), with the synthetic ones read
+        and mapped to the user's range in one call: the data loader fetches a batch this way."""
+        out: list[Any] = [None] * len(indices)
+        synthetic = [k for k, i in enumerate(indices) if i >= self.num_real]
+        if synthetic:
+            inputs, targets = self.pool.read([indices[k] - self.num_real for k in synthetic])
+            inputs = self.value_range.from_unit(inputs)
+            for k, x, y in zip(synthetic, inputs, targets, strict=True):
+                out[k] = self._as_real(x, y)
+        for k, i in enumerate(indices):
+            if i < self.num_real:
+                out[k] = self.real[i]
+        return out
 
     def _as_real(self, inputs: Tensor, target: Tensor) -> Any:
         template = self.template

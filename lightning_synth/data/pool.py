@@ -108,13 +108,28 @@ class SyntheticPool(PoolCheckpoint, Dataset[tuple[Tensor, Tensor]]):
         return self._size
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        i = self._position(index)
-        if self._missing[i]:
+        inputs, targets = self.read([index])
+        return inputs[0], targets[0]
+
+    def read(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """The samples at ``indices`` in one call: ``(n, ...)`` inputs in [0, 1] and ``(n,)`` targets (a data
+        loader's batched fetch decodes a whole batch at once this way).
+
+        Example:
+            >>> pool = SyntheticPool(max_samples=4, storage_dtype="uint8")
+            >>> inputs, targets = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 2])
+            >>> _ = pool.add(SyntheticBatch(inputs, targets, ["class/0"] * 3, torch.ones(3), "aug"), epoch=0)
+            >>> tuple(pool.read([2, 0])[0].shape), pool.read([2, 0])[1].tolist()
+            ((2, 1, 2, 2), [2, 0])
+        """
+        positions = torch.tensor([self._position(i) for i in indices], dtype=torch.long)
+        if len(positions) and bool(self._missing[positions].any()):
             raise RuntimeError(
-                f"pool sample {i} was restored from a checkpoint as a recipe and has not been replayed yet; "
-                "replay `pending_recipes()` and pass the outputs to `restore_chunk()` first"
+                f"pool sample {int(positions[self._missing[positions]][0])} was restored from a checkpoint as a "
+                "recipe and has not been replayed yet; replay `pending_recipes()` and pass the outputs to "
+                "`restore_chunk()` first"
             )
-        return self._decode(self._store["inputs"][i]), self._store["targets"][i].clone()
+        return decode(self._store["inputs"][positions], self.storage_dtype), self._store["targets"][positions]
 
     def get(self, index: int) -> PoolSample:
         """The sample at ``index`` with its provenance."""
@@ -283,9 +298,6 @@ class SyntheticPool(PoolCheckpoint, Dataset[tuple[Tensor, Tensor]]):
         if not 0 <= i < self._size:
             raise IndexError(f"pool index {index} is out of range for a pool of {self._size} samples")
         return i
-
-    def _decode(self, inputs: Tensor) -> Tensor:
-        return decode(inputs, self.storage_dtype)
 
     def _check_batch(self, batch: SyntheticBatch) -> None:
         inputs, targets = batch.inputs, batch.targets

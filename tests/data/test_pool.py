@@ -207,6 +207,8 @@ def test_recipes_replace_pixels_in_the_checkpoint():
     assert list(resumed.pending_recipes().values()) == [{"call": "second"}]
     with pytest.raises(RuntimeError, match="has not been replayed"):
         resumed[0]
+    with pytest.raises(RuntimeError, match="has not been replayed"):
+        resumed.read([5, 0])
     (chunk,) = resumed.pending_recipes()
     resumed.restore_chunk(chunk, second)
     assert resumed.pending_recipes() == {} and origins(resumed) == origins(pool)
@@ -282,3 +284,15 @@ def test_pickles_for_dataloader_workers():
     loader = torch.utils.data.DataLoader(pool, batch_size=4)
     inputs, targets = next(iter(loader))
     assert inputs.shape == (4, 1, 4, 4) and targets.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "uint8"])
+def test_read_gives_a_batch_of_what_indexing_gives(storage_dtype):
+    pool = SyntheticPool(max_samples=8, storage_dtype=storage_dtype)
+    pool.add(make_batch(6), epoch=0)
+    inputs, targets = pool.read([4, -1, 0, 4])
+    for row, index in enumerate([4, -1, 0, 4]):
+        assert torch.equal(inputs[row], pool[index][0]) and torch.equal(targets[row], pool[index][1])
+    assert pool.read([])[0].shape == (0, 1, 4, 4)
+    with pytest.raises(IndexError, match="out of range"):
+        pool.read([0, 6])
