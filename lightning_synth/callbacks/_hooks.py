@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_synth.data.mapped import mapped_zeros
 from lightning_synth.data.sampler import AdaptiveSampler
 
 __all__ = ["Pairs", "batch_tensor", "empty_pairs", "find_sampler", "wrap_train_source"]
@@ -65,3 +66,46 @@ def batch_tensor(output: Any, batch_size: int) -> Tensor | None:
 
 def empty_pairs() -> Pairs:
     return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0, 2)
+
+
+class StepRecords:
+    """An epoch's per-step ``(positions, indices, values)`` records, written in place into buffers that grow by
+    doubling, and read back as :data:`Pairs` with :meth:`take`.
+
+    A record kept as small tensors of its own until the epoch ends sits in the heap between the training
+    steps' large, freed blocks and keeps glibc from reusing or returning them (the heap fragments over an
+    epoch). Here positions and indices live on a memory map of their own, values on their device (on a GPU
+    they stay there: no host sync per step), and each step's tensors are freed with the step.
+
+    Example:
+        >>> records = StepRecords()
+        >>> records.append(torch.tensor([0, 1]), torch.tensor([7, 3]), torch.ones(2, 2))
+        >>> records.append(torch.tensor([2]), torch.tensor([5]), torch.zeros(1, 2))
+        >>> pos, idx, values = records.take()
+        >>> pos.tolist(), idx.tolist(), values[:, 0].tolist(), len(records)
+        ([0, 1, 2], [7, 3, 5], [1.0, 1.0, 0.0], 0)
+    """
+
+    def __init__(self) -> None:
+        self._pos, self._idx, self._values = empty_pairs()
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, positions: Tensor, indices: Tensor, values: Tensor) -> None:
+        n, end = self._n, self._n + len(positions)
+        if end > len(self._pos) or values.device != self._values.device or values.dtype != self._values.dtype:
+            capacity = max(end, 2 * len(self._pos), 1024)
+            pos, idx = mapped_zeros((capacity,), torch.long), mapped_zeros((capacity,), torch.long)
+            grown = (mapped_zeros((capacity, values.shape[1]), values.dtype) if values.device.type == "cpu"
+                     else torch.empty(capacity, values.shape[1], dtype=values.dtype, device=values.device))
+            pos[:n], idx[:n], grown[:n] = self._pos[:n], self._idx[:n], self._values[:n].to(grown)
+            self._pos, self._idx, self._values = pos, idx, grown
+        self._pos[n:end], self._idx[n:end], self._values[n:end] = positions, indices, values
+        self._n = end
+
+    def take(self) -> Pairs:
+        """The records so far, in append order (copies), and an empty buffer (its capacity kept)."""
+        n, self._n = self._n, 0
+        return self._pos[:n].clone(), self._idx[:n].clone(), self._values[:n].clone()

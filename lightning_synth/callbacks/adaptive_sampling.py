@@ -24,7 +24,14 @@ from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
 from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
-from lightning_synth.callbacks._hooks import Pairs, batch_tensor, empty_pairs, find_sampler, wrap_train_source
+from lightning_synth.callbacks._hooks import (
+    Pairs,
+    StepRecords,
+    batch_tensor,
+    empty_pairs,
+    find_sampler,
+    wrap_train_source,
+)
 from lightning_synth.data.loader import rebuild_loader
 from lightning_synth.data.sampler import AdaptiveSampler
 from lightning_synth.engine.comm import StrategyComm
@@ -130,7 +137,7 @@ class AdaptiveSampling(Callback):
         self._batch_size = self._batches_seen = 0
         self._rows = self._positions = torch.empty(0, dtype=torch.long)
         self._captured: Tensor | None = None
-        self._local: list[Pairs] = []
+        self._local = StepRecords()  # this rank's records of the epoch, until the gather
         self._gathered: list[Pairs] = []
         self._sampler_state_to_load: dict[str, Any] | None = None
         self._warned: set[str] = set()
@@ -299,7 +306,7 @@ class AdaptiveSampling(Callback):
             self._capture_target(pl_module), losses, self.batch_adapter.unpack(batch), self.sampler.irreducible_losses,
             self._rows)
         scores = self._scores(losses, reducible)
-        self._local.append((self._positions, self._rows, torch.stack([losses, scores], 1)))
+        self._local.append(self._positions, self._rows, torch.stack([losses, scores], 1))
 
     def _scores(self, losses: Tensor, reducible: Tensor) -> Tensor:
         if self.normalize == "none":
@@ -345,26 +352,19 @@ class AdaptiveSampling(Callback):
     # ----------------------------------------------------------------------------------------- epoch end
     def _sync(self) -> None:
         """Move this rank's buffered pairs into the gathered buffer, identical on every rank (collective)."""
-        pos, idx, values = (
-            (torch.cat(parts) for parts in zip(*self._local, strict=True)) if self._local else empty_pairs()
-        )
-        self._local = []
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            if pos.numel():
-                self._gathered.append((pos, idx, values.cpu()))
+        pos, idx, values = self._local.take()
+        if (trainer := self._trainer) is None or trainer.world_size == 1:
+            self._gathered += [(pos, idx, values.cpu())] if pos.numel() else []
             return
         comm = StrategyComm(trainer.strategy)
         keys = comm.gather_uneven(torch.stack([pos, idx], 1)).cpu()
         values = comm.gather_uneven(values).cpu()
-        if keys.numel():
-            self._gathered.append((keys[:, 0], keys[:, 1], values))
+        self._gathered += [(keys[:, 0], keys[:, 1], values)] if keys.numel() else []
 
     def _pending(self) -> Pairs:
         """Gathered pairs in global draw order, whatever sync rounds they arrived in."""
-        if not self._gathered:
-            return empty_pairs()
-        pos, idx, values = (torch.cat(parts) for parts in zip(*self._gathered, strict=True))
+        gathered = self._gathered
+        pos, idx, values = (torch.cat(p) for p in zip(*gathered, strict=True)) if gathered else empty_pairs()
         order = torch.sort(pos, stable=True).indices
         return pos[order], idx[order], values[order]
 
@@ -411,7 +411,7 @@ class AdaptiveSampling(Callback):
         pending = state_dict["pending"]
         pairs = (pending["positions"], pending["indices"], pending["values"])
         self._gathered = [pairs] if pairs[0].numel() else []
-        self._local = []
+        self._local = StepRecords()
         if self.irreducible is not None and state_dict.get("irreducible") is not None:
             self.irreducible.load_state_dict(state_dict["irreducible"])
         if state_dict["sampler"] is not None and self.sampler is not None:
