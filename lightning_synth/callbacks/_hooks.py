@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_synth.data.mapped import mapped_zeros
+from lightning_synth.data.mapped import mapped_extended
 from lightning_synth.data.sampler import AdaptiveSampler
 
 __all__ = ["Pairs", "batch_tensor", "empty_pairs", "find_sampler", "wrap_train_source"]
@@ -97,11 +97,10 @@ class StepRecords:
         n, end = self._n, self._n + len(positions)
         if end > len(self._pos) or values.device != self._values.device or values.dtype != self._values.dtype:
             capacity = max(end, 2 * len(self._pos), 1024)
-            pos, idx = mapped_zeros((capacity,), torch.long), mapped_zeros((capacity,), torch.long)
-            grown = (mapped_zeros((capacity, values.shape[1]), values.dtype) if values.device.type == "cpu"
-                     else torch.empty(capacity, values.shape[1], dtype=values.dtype, device=values.device))
-            pos[:n], idx[:n], grown[:n] = self._pos[:n], self._idx[:n], self._values[:n].to(grown)
-            self._pos, self._idx, self._values = pos, idx, grown
+            self._pos, self._idx = mapped_extended(self._pos[:n], capacity), mapped_extended(self._idx[:n], capacity)
+            kept = self._values[:n].to(values)
+            self._values = (mapped_extended(kept, capacity) if values.device.type == "cpu"
+                            else torch.cat([kept, kept.new_empty(capacity - n, *kept.shape[1:])]))
         self._pos[n:end], self._idx[n:end], self._values[n:end] = positions, indices, values
         self._n = end
 
