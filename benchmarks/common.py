@@ -133,6 +133,10 @@ class Classifier(L.LightningModule):
             ``consistency_weight`` times :func:`~lightning_synth.consistency.jsd_consistency` of the clean and
             view predictions is added (``1 + len(views)`` forward passes per batch).
         consistency_weight: weight of the Jensen-Shannon term (AugMix uses 12).
+        source_consistency: batches carry each sample's real source as their last element (or under
+            ``"source"``; ``SyntheticDataModule(deliver_source=True)``): cross-entropy is on the sources and
+            ``consistency_weight`` times the Jensen-Shannon term of source and sample predictions is added
+            (2 forward passes per batch; the per-sample losses returned are the samples' own).
 
     ``training_step`` returns ``{"loss", "per_sample_loss"}`` so callbacks can read per-sample losses in
     ``on_train_batch_end`` without another forward pass. Batches may be ``(x, y)``, ``(x, y, group)`` or
@@ -155,6 +159,7 @@ class Classifier(L.LightningModule):
         objective: Objective | None = None,
         consistency: Callable[[Tensor], Sequence[Tensor]] | None = None,
         consistency_weight: float = 12.0,
+        source_consistency: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
@@ -174,6 +179,9 @@ class Classifier(L.LightningModule):
         self.batch_transform = batch_transform
         self.objective = objective
         self.consistency, self.consistency_weight = consistency, float(consistency_weight)
+        if source_consistency and consistency is not None:
+            raise ValueError("`source_consistency` and `consistency` are alternatives; got both")
+        self.source_consistency = source_consistency
         self.batch_adapter = BatchAdapter()
         self._group_hits: dict[int, list[int]] = {}
 
@@ -188,7 +196,14 @@ class Classifier(L.LightningModule):
         if self.batch_transform is not None:
             with torch.no_grad():
                 images = self.batch_transform(images)
-        if self.consistency is None:
+        if self.source_consistency:
+            sources = batch["source"] if isinstance(batch, Mapping) else batch[-1]
+            logits = self(torch.cat([images, sources])).chunk(2)
+            losses = F.cross_entropy(logits[0], view.targets, reduction="none")
+            clean = F.cross_entropy(logits[1], view.targets, reduction="none")
+            loss = self.objective(clean, view) if self.objective is not None else clean.mean()
+            loss = loss + self.consistency_weight * jsd_consistency(logits[1], logits[0])
+        elif self.consistency is None:
             losses = F.cross_entropy(self(images), view.targets, reduction="none")
             loss = self.objective(losses, view) if self.objective is not None else losses.mean()
         else:
@@ -335,6 +350,7 @@ class MethodContext:
         batch_transform: BatchTransform | None = None,
         objective: Objective | None = None,
         consistency: Callable[[Tensor], Sequence[Tensor]] | None = None,
+        source_consistency: bool = False,
     ) -> Classifier:
         """The benchmarks' :class:`Classifier` for this task, with an optional transform/objective/consistency."""
         return Classifier(
@@ -345,6 +361,7 @@ class MethodContext:
             batch_transform=batch_transform,
             objective=objective,
             consistency=consistency,
+            source_consistency=source_consistency,
         )
 
 

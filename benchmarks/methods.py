@@ -50,7 +50,8 @@ class UniformBank(SyntheticGenerator):
     def generate(self, profile: WeaknessProfile, budget: int, context: GenerationContext) -> SyntheticBatch:
         if budget == 0:
             return SyntheticBatch.empty(self.name, context.real_inputs)
-        images, labels = context.sample_real(budget)
+        sources = context.sample_rows(budget)
+        images, labels = context.real_rows(sources), context.real_targets[sources]
         ops = torch.randint(len(self.bank), (budget,), generator=context.generator)
         levels = torch.randint(1, 6, (budget,), generator=context.generator)
         out, keys = images.clone(), [""] * budget
@@ -60,7 +61,7 @@ class UniformBank(SyntheticGenerator):
                 out[rows] = self.bank[name](images[rows], levels[rows].float(), context.generator)
                 for r in rows.tolist():
                     keys[r] = f"perturbation/{name}@{int(levels[r])}"
-        return SyntheticBatch(out, labels.long(), keys, torch.ones(budget), self.name)
+        return SyntheticBatch(out, labels.long(), keys, torch.ones(budget), self.name, source_index=sources)
 
 
 def bank_names(ctx: MethodContext) -> list[str] | None:
@@ -96,7 +97,7 @@ def lightning_synth_method(
     name: str, gan: bool = True, scenarios: bool = False, adaptive: bool = True, description: str = "",
     targeted: bool = True, consistency: bool = False, budget_fraction: float = 1 / 3, weight: float = 0.75,
     class_bias: float | None = None, floor: float | None = None, uniform_floor: float | None = None,
-    reducible: bool = False, untargeted_sampler: bool = False,
+    reducible: bool = False, untargeted_sampler: bool = False, source: bool = False,
 ) -> Method:
     """A lightning_synth variant; every argument left at its default keeps the library's default.
 
@@ -114,6 +115,8 @@ def lightning_synth_method(
         floor: ``MixingChains``' uniform floor (``None``: its default).
         untargeted_sampler: with ``targeted=False``, keep the loss-focused sampler (the ablation that leaves
             only the profile's targeting out).
+        source: consistency with the real source instead (``SyntheticDataModule(deliver_source=True)``:
+            cross-entropy on each sample's source, Jensen-Shannon between source and sample; 2 forward passes).
         reducible: with ``adaptive``, the sampler weighs reducible loss
             (``AdaptiveSampling(irreducible=IrreducibleLoss(...))``, trained on the validation split).
     """
@@ -129,6 +132,8 @@ def lightning_synth_method(
             kwargs["initial_synthetic_weight"] = 1.0 if worst_group else weight
         if not (adaptive and (targeted or untargeted_sampler)):  # the datamodule's sampler default focuses on losses
             kwargs["sampler_uniform_mix"] = 1.0
+        if source:
+            kwargs["deliver_source"] = True
         generators = _generators(ctx, gan, scenarios, targeted, class_bias, uniform_floor)
         return SyntheticDataModule(datamodule, generators=generators, seed=ctx.seed, **kwargs)
 
@@ -143,6 +148,8 @@ def lightning_synth_method(
         return analyzers[ctx.seed]
 
     def make_module(ctx: MethodContext) -> Classifier:
+        if source:
+            return ctx.classifier(source_consistency=True)
         if not consistency:
             return ctx.classifier()
         # untargeted: plain AugMix chains; targeted: the analyzer's tilt, at MixingChains' floor unless given
@@ -204,6 +211,12 @@ VARIANTS: list[tuple[str, Callable[[], Method]]] = [
     ("ls_no_consistency", lambda: lightning_synth_method(
         "ls_no_consistency", gan=False,
         description="ablation: the defaults without the consistency objective")),
+    ("ls_source", lambda: lightning_synth_method(
+        "ls_source", gan=False, source=True,
+        description="defaults + consistency with the real source (deliver_source=True; 2 forward passes)")),
+    ("uniform_share_source", lambda: lightning_synth_method(
+        "uniform_share_source", gan=False, source=True, targeted=False,
+        description="ablation: ls_source with the bank at random (no targeting)")),
     ("uniform_share", lambda: lightning_synth_method(
         "uniform_share", gan=False, consistency=True, targeted=False,
         description="lightning_synth's pool, share, budget and JSD with the bank at random: no targeting")),

@@ -74,6 +74,9 @@ class SyntheticDataModule(L.LightningDataModule):
         api_port: port of the control API (0 picks a free one).
         api_token: bearer token of the control API (generated and printed when ``None``).
         log_images: log image grids of synthetic samples (W&B/TensorBoard) at each refresh.
+        deliver_source: each training sample also carries the input of the real sample it was made from (a
+            real sample's own input), for a consistency objective between the two (README "Consistency with the
+            real source"): a dict sample gains the key ``"source"``, a tuple one more element at its end.
 
     Raises:
         TypeError: if ``datamodule`` is not a ``LightningDataModule`` or an argument has the wrong type.
@@ -111,10 +114,14 @@ class SyntheticDataModule(L.LightningDataModule):
         api_port: int = 0,
         api_token: str | None = None,
         log_images: bool = True,
+        deliver_source: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, L.LightningDataModule):
             raise TypeError(f"`datamodule` must be a LightningDataModule, got {type(datamodule).__name__}")
+        if not isinstance(deliver_source, bool):
+            raise TypeError(f"`deliver_source` must be a bool, got {type(deliver_source).__name__}: {deliver_source!r}")
+        self.deliver_source = deliver_source
         self.datamodule = datamodule
         self.engine = SynthesisEngine(
             generators, synthetic_budget=synthetic_budget, max_pool_samples=max_pool_samples,
@@ -199,7 +206,7 @@ class SyntheticDataModule(L.LightningDataModule):
                 f"{type(base).__name__}."
             )
         if self.mixed is None or self.mixed.real is not base.dataset:
-            self.mixed = MixedDataset(base.dataset, self.engine.pool, self.adapter)
+            self.mixed = MixedDataset(base.dataset, self.engine.pool, self.adapter, deliver_source=self.deliver_source)
         mixed, engine = self.mixed, self.engine
         sampler = engine.sampler
         if sampler is None or sampler.dataset is not mixed:

@@ -25,16 +25,24 @@ class MixedDataset(Dataset):
     tensors; other values are copied from the template): a synthetic sample has no group or id of its own.
     Pool inputs are in [0, 1]; ``value_range`` maps them back to the user's range and dtype.
 
+    With ``deliver_source``, every sample also carries the input of the real sample it was made from (for a
+    consistency objective between the two; see :func:`~lightning_synth.consistency.jsd_consistency`): a
+    dict gains the key ``source_key``, a tuple or list one more element at its end. A real sample's source is
+    its own input, as is a synthetic sample's whose generator does not report one (a GAN's).
+
     Example:
         >>> from torch.utils.data import TensorDataset
         >>> real = TensorDataset(torch.zeros(3, 1, 2, 2), torch.tensor([0, 1, 2]))
         >>> mixed = MixedDataset(real, SyntheticPool(max_samples=4))
         >>> len(mixed), mixed[2][1].item()
         (3, 2)
+        >>> len(MixedDataset(real, SyntheticPool(max_samples=4), deliver_source=True)[2])  # (x, y, source)
+        3
     """
 
     def __init__(self, real: Dataset, pool: SyntheticPool, adapter: BatchAdapter | None = None,
-                 value_range: ValueRange | None = None) -> None:
+                 value_range: ValueRange | None = None, deliver_source: bool = False,
+                 source_key: str = "source") -> None:
         if not isinstance(real, Sized):
             raise TypeError(f"`real` must be a sized map-style dataset, got {type(real).__name__}")
         if len(real) == 0:
@@ -44,15 +52,18 @@ class MixedDataset(Dataset):
         self.num_real = len(real)
         self.template = real[0]
         self.value_range = value_range or ValueRange()
+        self.deliver_source, self.source_key = deliver_source, source_key
+        if deliver_source and not isinstance(self.template, (Mapping, tuple, list)):
+            raise TypeError("`deliver_source` needs samples that are dicts, tuples or lists, got "
+                            f"{type(self.template).__name__}")
+        if deliver_source and isinstance(self.template, Mapping) and source_key in self.template:
+            raise ValueError(f"`source_key` must not be a key of the real samples already, got {source_key!r}")
 
     def __len__(self) -> int:
         return self.num_real + len(self.pool)
 
     def __getitem__(self, index: int) -> Any:
-        if index < self.num_real:
-            return self.real[index]
-        inputs, target = self.pool[index - self.num_real]
-        return self._as_real(self.value_range.from_unit(inputs), target)
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """The samples at ``indices`` (what ``[self[i] for i in indices]`` gives), with the synthetic ones read
@@ -60,14 +71,28 @@ class MixedDataset(Dataset):
         out: list[Any] = [None] * len(indices)
         synthetic = [k for k, i in enumerate(indices) if i >= self.num_real]
         if synthetic:
-            inputs, targets = self.pool.read([indices[k] - self.num_real for k in synthetic])
+            positions = [indices[k] - self.num_real for k in synthetic]
+            inputs, targets = self.pool.read(positions)
             inputs = self.value_range.from_unit(inputs)
-            for k, x, y in zip(synthetic, inputs, targets, strict=True):
-                out[k] = self._as_real(x, y)
+            sources = self.pool.sources(positions).tolist() if self.deliver_source else [-1] * len(synthetic)
+            for k, x, y, source in zip(synthetic, inputs, targets, sources, strict=True):
+                sample = self._as_real(x, y)
+                out[k] = self._with_source(sample, x if source < 0 else self._input(self.real[source]))
         for k, i in enumerate(indices):
             if i < self.num_real:
-                out[k] = self.real[i]
+                sample = self.real[i]
+                out[k] = self._with_source(sample, self._input(sample))
         return out
+
+    def _input(self, sample: Any) -> Any:
+        return self.adapter.unpack(sample).inputs if self.deliver_source else None
+
+    def _with_source(self, sample: Any, source: Any) -> Any:
+        if not self.deliver_source:
+            return sample
+        if isinstance(sample, Mapping):
+            return {**sample, self.source_key: source}
+        return type(sample)([*sample, source])
 
     def _as_real(self, inputs: Tensor, target: Tensor) -> Any:
         template = self.template

@@ -137,16 +137,15 @@ class SyntheticPool(PoolCheckpoint, Dataset[tuple[Tensor, Tensor]]):
         inputs, target = self[i]
         s = self._store
         loss = float(s["loss"][i])
-        return PoolSample(
-            inputs=inputs,
-            target=target,
-            generator=self._generator_names[int(s["generator"][i])],
-            weakness=self._weakness_names[int(s["weakness"][i])],
-            quality=float(s["quality"][i]),
-            epoch=int(s["epoch"][i]),
-            sample_id=int(s["sample_id"][i]),
-            loss=None if loss != loss else loss,
-        )
+        return PoolSample(inputs=inputs, target=target, generator=self._generator_names[int(s["generator"][i])],
+                          weakness=self._weakness_names[int(s["weakness"][i])], quality=float(s["quality"][i]),
+                          epoch=int(s["epoch"][i]), sample_id=int(s["sample_id"][i]),
+                          loss=None if loss != loss else loss)
+
+    def sources(self, indices: Sequence[int]) -> Tensor:
+        """``(n,)`` the index in the real training set that each sample at ``indices`` was made from (``-1`` where
+        its generator did not say, e.g. a GAN's samples)."""
+        return self._store["source_index"][torch.tensor([self._position(i) for i in indices], dtype=torch.long)]
 
     @property
     def capacity(self) -> int:

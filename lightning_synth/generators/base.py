@@ -146,13 +146,18 @@ class GenerationContext:
 
     def sample_real(self, n: int, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``n`` real samples (with replacement), restricted to ``classes`` when given."""
+        idx = self.sample_rows(n, classes)
+        return self.real_rows(idx), self.real_targets[idx]
+
+    def sample_rows(self, n: int, classes: Tensor | None = None) -> Tensor:
+        """The rows :meth:`sample_real` would return (the same draw): a generator that reports each sample's
+        real source (``SyntheticBatch.source_index``) draws rows with this and reads them with :meth:`real_rows`."""
         pool = torch.arange(len(self.real_targets))
         if classes is not None:
             pool = pool[torch.isin(self.real_targets, classes.cpu())]
             if len(pool) == 0:
                 pool = torch.arange(len(self.real_targets))
-        idx = pool[torch.randint(len(pool), (n,), generator=self.generator)]
-        return self.real_rows(idx), self.real_targets[idx]
+        return pool[torch.randint(len(pool), (n,), generator=self.generator)]
 
 
 def from_levels(levels: Tensor) -> Tensor:

@@ -146,7 +146,8 @@ class TargetedAugmentation(SyntheticGenerator):
         targeted, uniform = self._split(profile, budget, context.generator)
         if budget == 0:
             return SyntheticBatch.empty(self.name, context.real_rows(torch.zeros(0, dtype=torch.long)))
-        images, labels = self._sources(profile, budget, context)
+        rows = self._sources(profile, budget, context)
+        images, labels = context.real_rows(rows), context.real_targets[rows].long()
         outputs: list[Tensor] = []
         keys: list[str] = []
         start = 0
@@ -165,20 +166,18 @@ class TargetedAugmentation(SyntheticGenerator):
             levels = severity_levels(severity, perturbation)
             keys.extend(f"perturbation/{perturbation.name}@{level}" for level in levels)
             start += count
-        return SyntheticBatch(torch.cat(outputs), labels, keys, torch.ones(budget), self.name)
+        return SyntheticBatch(torch.cat(outputs), labels, keys, torch.ones(budget), self.name, source_index=rows)
 
-    def _sources(self, profile: WeaknessProfile, budget: int, context: GenerationContext) -> tuple[Tensor, Tensor]:
-        """Real images: ``class_bias`` of them from weak classes by gap, the rest uniform, then shuffled."""
+    def _sources(self, profile: WeaknessProfile, budget: int, context: GenerationContext) -> Tensor:
+        """Rows of real images: ``class_bias`` of them from weak classes by gap, the rest uniform, shuffled."""
         weights = class_weights(profile, context.num_classes)
         biased = round(self.class_bias * budget) if float(weights.sum()) > 0 else 0
-        parts = [context.sample_real(budget - biased)]
+        parts = [context.sample_rows(budget - biased)]
         if biased:
             classes = torch.multinomial(weights, biased, replacement=True, generator=context.generator)
             counts = torch.bincount(classes, minlength=context.num_classes)
-            parts += [context.sample_real(int(n), torch.tensor([c])) for c, n in enumerate(counts.tolist()) if n]
-        images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        order = torch.randperm(budget, generator=context.generator)
-        return images[order], labels[order].long()
+            parts += [context.sample_rows(int(n), torch.tensor([c])) for c, n in enumerate(counts.tolist()) if n]
+        return torch.cat(parts)[torch.randperm(budget, generator=context.generator)]
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
