@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_synth.data.mapped import mapped_extended
 from lightning_synth.data.sampler import AdaptiveSampler
 
-__all__ = ["Pairs", "batch_tensor", "empty_pairs", "find_sampler", "wrap_train_source"]
+__all__ = ["Pairs", "batch_logits", "batch_tensor", "empty_pairs", "find_sampler", "wrap_train_source"]
 
 Pairs = tuple[Tensor, Tensor, Tensor]  # global draw positions, dataset indices, (loss, score) rows
 
@@ -62,6 +62,27 @@ def batch_tensor(output: Any, batch_size: int) -> Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def batch_logits(args: Any, output: Any, batch_size: int) -> Tensor | None:
+    """The batch's rows of a forward output: the first tensor whose leading dimension is the batch size, or, when
+    the forward ran on the batch followed by views of it (input and output rows a multiple ``k >= 2`` of the batch
+    size, as in the consistency recipes' ``self(torch.cat([x, *views]))``), the first ``batch_size`` rows.
+
+    Example:
+        >>> x = torch.zeros(4, 3)
+        >>> tuple(batch_logits((torch.cat([x, x]),), torch.ones(8, 10), 4).shape)
+        (4, 10)
+        >>> batch_logits((torch.zeros(4, 7),), torch.ones(28, 10), 4) is None  # 7 tokens per sample, not views
+        True
+    """
+    found = batch_tensor(output, batch_size)
+    first = args[0] if isinstance(args, (tuple, list)) and args else None
+    rows = first.shape[0] if isinstance(first, Tensor) and first.ndim >= 1 else 0
+    if found is not None or batch_size < 1 or rows <= batch_size or rows % batch_size:
+        return found
+    whole = batch_tensor(output, rows)
+    return None if whole is None else whole[:batch_size]
 
 
 def empty_pairs() -> Pairs:

@@ -27,7 +27,7 @@ from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
 from lightning_synth.callbacks._hooks import (
     Pairs,
     StepRecords,
-    batch_tensor,
+    batch_logits,
     empty_pairs,
     find_sampler,
     wrap_train_source,
@@ -266,7 +266,7 @@ class AdaptiveSampling(Callback):
     # ----------------------------------------------------------------------------------------- per batch
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._capturing and self._captured is None:
-            found = batch_tensor(output, self._rows.numel())
+            found = batch_logits(args, output, self._rows.numel())
             if found is not None:
                 self._captured = found.detach()
 

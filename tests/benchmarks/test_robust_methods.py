@@ -8,9 +8,9 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from benchmarks import methods as methods_module
-from benchmarks.common import MethodContext, budget, build_method, export_torchscript, run_method
+from benchmarks.common import Classifier, MethodContext, budget, build_method, export_torchscript, run_method
 from benchmarks.robustness import family_score, paired, per_seed_metrics
-from lightning_synth.consistency import MixingChains
+from lightning_synth.consistency import MixingChains, jsd_consistency
 from lightning_synth.data import SyntheticDataModule
 from lightning_synth.datasets import DigitsDataModule
 from lightning_synth.generators import TargetedAugmentation
@@ -65,8 +65,28 @@ def test_lightning_synth_row_is_the_library_defaults(tmp_path):
     assert method.make_module(ctx).consistency.floor == MixingChains().floor
 
 
+def test_source_variants_pair_samples_with_their_sources(tmp_path):
+    ctx = _ctx(tmp_path)
+    for name in ("ls_source", "uniform_share_source"):
+        method = build_method(name, "robustness")
+        assert method.wrap_datamodule(DigitsDataModule(batch_size=128), ctx).deliver_source
+        model = method.make_module(ctx)
+        assert model.source_consistency and model.consistency is None
+    # the step: cross-entropy on the sources plus the weighted JSD; the per-sample losses are the samples' own
+    model = build_method("ls_source", "robustness").make_module(ctx)
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    model.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    out = model.training_step((x, y, x.flip(-1)), 0)
+    logits, source_logits = model(x), model(x.flip(-1))
+    expected = torch.nn.functional.cross_entropy(source_logits, y) + 12.0 * jsd_consistency(source_logits, logits)
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert torch.allclose(out["per_sample_loss"], torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+    with pytest.raises(ValueError, match="`source_consistency` and `consistency` are alternatives"):
+        Classifier(source_consistency=True, consistency=MixingChains())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["augmix", "uniform_share", "lightning_synth"])
+@pytest.mark.parametrize("name", ["augmix", "uniform_share", "lightning_synth", "ls_source"])
 def test_robustness_methods_train_the_fixed_budget_and_export(name, tmp_path):
     method = build_method(name, "robustness")
     ctx = _ctx(tmp_path / name, exclude=("gaussian_noise",))

@@ -1,10 +1,14 @@
+import warnings
+
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_synth
 from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SynthesisCallback
+from lightning_synth.consistency import jsd_consistency
 from lightning_synth.data import SyntheticDataModule
 from lightning_synth.datasets import DictDataset, DigitsDataModule, load_digits_tensors
 from lightning_synth.demos import ImageClassifier
@@ -95,6 +99,37 @@ def test_dict_samples_keep_their_format(tkw):
     assert dm.mixed is not None
     synthetic = dm.mixed[dm.mixed.num_real]
     assert int(synthetic["group"]) == -1 and int(dm.mixed[0]["group"]) in (0, 1)
+
+
+def test_deliver_source_recipe_trains_with_the_sampler_reading_each_samples_own_loss(tkw):
+    """The README's recipe: cross-entropy on the real sources, Jensen-Shannon between source and sample; the
+    sampler reads the batch's own rows of the forward on ``[x, source]``, with no extra forward and no warning."""
+    dm, callbacks = lightning_synth.attach(DigitsDataModule(), generators=[TargetedAugmentation()],
+                                           synthetic_budget=256, deliver_source=True)
+    pairs = []
+
+    class Model(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y, source = batch
+            pairs.append(int((x != source).flatten(1).any(1).sum()))
+            logits, source_logits = self(torch.cat([x, source])).chunk(2)
+            return F.cross_entropy(source_logits, y) + 12.0 * jsd_consistency(source_logits, logits)
+
+    sampling = next(c for c in callbacks if isinstance(c, AdaptiveSampling))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="AdaptiveSampling")
+        L.Trainer(max_epochs=2, callbacks=callbacks, **tkw()).fit(Model(image_size=8, arch="mlp"), datamodule=dm)
+    assert sum(pairs) > 100  # synthetic samples arrive with a source that differs from them
+    assert sampling.last_update is not None and len(sampling.last_update["indices"]) == dm.mixed.num_real
+    mixed, num_real = dm.mixed, dm.mixed.num_real
+    sources = dm.pool.sources(range(len(dm.pool)))
+    assert bool((sources >= 0).all()) and len(sources) == 512
+    for k in (0, 100, 511):  # a sample's source is the real sample it was made from: same label, its input
+        synthetic, y, source = mixed[num_real + k]
+        real_x, real_y = mixed.real[int(sources[k])]
+        assert int(y) == int(real_y) and torch.equal(source, real_x) and not torch.equal(synthetic, real_x)
+    with pytest.raises(TypeError, match="`deliver_source` must be a bool, got int: 1"):
+        SyntheticDataModule(DigitsDataModule(), deliver_source=1)  # type: ignore[arg-type]
 
 
 def test_fractional_budget_and_default_capacity(tkw):

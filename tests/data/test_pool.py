@@ -170,6 +170,16 @@ def test_provenance_and_access():
     assert {k: v.tolist() for k, v in pool.indices_by_generator().items()} == {"aug": [0, 1], "gan": [2]}
 
 
+def test_sources_are_the_real_indices_generators_report():
+    pool = SyntheticPool(max_samples=10)
+    batch = make_batch(3)
+    pool.add(SyntheticBatch(batch.inputs, batch.targets, batch.weakness, batch.quality, "aug",
+                            source_index=torch.tensor([7, -1, 2])), epoch=0)
+    pool.add(make_batch(2, generator="gan"), epoch=0)  # a generator that reports no sources
+    assert pool.sources([2, 0, 4, 1]).tolist() == [2, 7, -1, -1]
+    assert pool.sources([-1]).tolist() == [-1]
+
+
 def test_stats():
     pool = SyntheticPool(max_samples=10)
     pool.add(make_batch(2, generator="aug", quality=[0.5, 1.0], weakness=["a", "b"]), epoch=0)

@@ -27,6 +27,16 @@ def test_rows_and_draws_are_the_same_over_levels_and_over_floats():
     assert packed.real_rows(torch.zeros(0, dtype=torch.long)).shape == (0, 1, 4, 4)
 
 
+def test_sample_rows_is_the_draw_of_sample_real():
+    _, floats, _ = _pair()
+    for classes in (None, torch.tensor([1, 3])):
+        state = floats.generator.get_state()
+        rows = floats.sample_rows(11, classes)
+        floats.generator.set_state(state)
+        images, labels = floats.sample_real(11, classes)
+        assert torch.equal(images, floats.real_rows(rows)) and torch.equal(labels, floats.real_targets[rows])
+
+
 def test_reading_all_inputs_decodes_once_and_keeps_them():
     levels, floats, packed = _pair(1)
     assert packed.real_inputs.dtype == torch.float32 and torch.equal(packed.real_inputs, floats.real_inputs)

@@ -174,6 +174,17 @@ def test_class_bias_draws_sources_from_weak_classes(digits: tuple[Tensor, Tensor
     assert len(set(none.targets.tolist())) > 4
 
 
+def test_each_sample_reports_its_real_source(digits: tuple[Tensor, Tensor]) -> None:
+    weak = [Weakness(kind="class", name="3", error_rate=0.4, gap=0.3, support=30, target=3)]
+    gen = TargetedAugmentation(["brightness"], class_bias=0.5)
+    batch = gen.generate(profile({"brightness": 0.3}, {"brightness": None}, extra=weak), 24, context(digits))
+    assert batch.source_index is not None and batch.source_index.shape == (24,)
+    assert torch.equal(batch.targets, digits[1][batch.source_index])
+    # each output is nearer its own source than the other sources are on average (brightness shifts pixels)
+    distances = torch.cdist(batch.inputs.flatten(1), digits[0][batch.source_index].flatten(1))
+    assert bool((distances.diagonal() < distances.mean(1)).all())
+
+
 def test_outputs_are_perturbed_real_images(digits: tuple[Tensor, Tensor]) -> None:
     # Brightness at the top level shifts every pixel: outputs differ from their sources but keep the shape.
     gen = TargetedAugmentation(["brightness"])
