@@ -46,7 +46,7 @@ __all__ = ["SCENARIO_PARTS", "ScenarioFn", "ScenarioGenerator", "paste_distracto
 SCENARIO_PARTS: tuple[str, ...] = ("compound", "confusion", "slice")
 ScenarioFn = Callable[[int, int, GenerationContext], tuple[Tensor, ...]]
 """``fn(value, n, context) -> (images (n, C, H, W), labels (n,)[, quality (n,)])``."""
-_Part = tuple[Tensor, Tensor, list[str], Tensor]
+_Part = tuple[Tensor, Tensor, list[str], Tensor, Tensor]  # inputs, labels, keys, quality, source rows (-1: none)
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,7 @@ class ScenarioGenerator(SyntheticGenerator):
         return SyntheticBatch(
             torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
             [key for p in parts for key in p[2]], torch.cat([p[3] for p in parts]), self.name,
+            source_index=torch.cat([p[4] for p in parts]),
         )
 
     # ------------------------------------------------------------------------------------------ items
@@ -221,7 +222,8 @@ class ScenarioGenerator(SyntheticGenerator):
 
     # ------------------------------------------------------------------------------------------ makers
     def _compound(self, items: list[_Item], n: int, context: GenerationContext, profile: WeaknessProfile) -> _Part:
-        images, labels = context.sample_real(n)
+        rows = context.sample_rows(n)
+        images, labels = context.real_rows(rows), context.real_targets[rows]
         counts = _allocate(torch.tensor([i.weight for i in items], dtype=torch.float64), n, context.generator)
         outputs: list[Tensor] = []
         keys: list[str] = []
@@ -238,12 +240,13 @@ class ScenarioGenerator(SyntheticGenerator):
             outputs.append(chunk.cpu())
             keys.extend(f"{item.key}@{level}" for level in (total / 2 + 0.5).floor().long().clamp(min=1).tolist())
             start += count
-        return torch.cat(outputs), labels.long(), keys, torch.ones(n)
+        return torch.cat(outputs), labels.long(), keys, torch.ones(n), rows
 
     def _confusion(self, items: list[_Item], n: int, context: GenerationContext, profile: WeaknessProfile) -> _Part:
         del profile
         counts = _allocate(torch.tensor([i.weight for i in items], dtype=torch.float64), n, context.generator)
         bases: list[Tensor] = []
+        rows: list[Tensor] = []
         distractors: list[Tensor] = []
         labels: list[Tensor] = []
         keys: list[str] = []
@@ -254,14 +257,15 @@ class ScenarioGenerator(SyntheticGenerator):
                 if not 0 <= cls < context.num_classes:
                     raise ValueError(f"Weakness {item.key!r} names class {cls}, but the task has "
                                      f"{context.num_classes} classes (`context.num_classes`)")
-            base, label = context.sample_real(count, torch.tensor([item.value]))
-            bases.append(base)
-            labels.append(label)
+            base = context.sample_rows(count, torch.tensor([item.value]))
+            rows.append(base)
+            bases.append(context.real_rows(base))
+            labels.append(context.real_targets[base])
             distractors.append(context.sample_real(count, torch.tensor([item.other]))[0])
             keys.extend([item.key] * count)
         images = paste_distractor(torch.cat(bases).to(context.device), torch.cat(distractors).to(context.device),
                                   self.distractor_scale, self.distractor_alpha, context.generator)
-        return images.cpu(), torch.cat(labels).long(), keys, torch.ones(n)
+        return images.cpu(), torch.cat(labels).long(), keys, torch.ones(n), torch.cat(rows)
 
     def _slice(self, items: list[_Item], n: int, context: GenerationContext, profile: WeaknessProfile) -> _Part:
         del profile
@@ -280,7 +284,7 @@ class ScenarioGenerator(SyntheticGenerator):
             labels.append(y)
             quality.append(q)
             keys.extend([item.key] * count)
-        return torch.cat(images), torch.cat(labels), keys, torch.cat(quality)
+        return torch.cat(images), torch.cat(labels), keys, torch.cat(quality), torch.full((n,), -1)
 
 
 # ------------------------------------------------------------------------------------------- pure helpers

@@ -124,6 +124,12 @@ def test_outputs_have_shapes_range_labels_and_provenance(digits: tuple[Tensor, T
     # "colour" has no scenario function and "group=0" no positive gap: neither is produced.
     assert {k for k in batch.weakness if k.startswith("slice/")} == {"slice/group=2"}
     assert {k for k in batch.weakness if k.startswith("confusion/")} == {"confusion/3->5", "confusion/8->1"}
+    # compounds and compositions report the real image they were made from; a scenario function's output none
+    assert batch.source_index is not None
+    from_scenario = torch.tensor([k.startswith("slice/") for k in batch.weakness])
+    assert bool((batch.source_index[from_scenario] == -1).all())
+    sources = batch.source_index[~from_scenario]
+    assert bool((sources >= 0).all()) and torch.equal(batch.targets[~from_scenario], digits[1][sources])
 
 
 @pytest.mark.parametrize("budget", [0, 1, 5, 31])
