@@ -136,7 +136,8 @@ class Classifier(L.LightningModule):
         source_consistency: batches carry each sample's real source as their last element (or under
             ``"source"``; ``SyntheticDataModule(deliver_source=True)``): cross-entropy is on the sources and
             ``consistency_weight`` times the Jensen-Shannon term of source and sample predictions is added
-            (2 forward passes per batch; the per-sample losses returned are the samples' own).
+            (2 forward passes per batch; the per-sample losses returned are the samples' own). With
+            ``consistency`` too, its views of the sources join the Jensen-Shannon term (one pass per view).
 
     ``training_step`` returns ``{"loss", "per_sample_loss"}`` so callbacks can read per-sample losses in
     ``on_train_batch_end`` without another forward pass. Batches may be ``(x, y)``, ``(x, y, group)`` or
@@ -179,8 +180,6 @@ class Classifier(L.LightningModule):
         self.batch_transform = batch_transform
         self.objective = objective
         self.consistency, self.consistency_weight = consistency, float(consistency_weight)
-        if source_consistency and consistency is not None:
-            raise ValueError("`source_consistency` and `consistency` are alternatives; got both")
         self.source_consistency = source_consistency
         self.batch_adapter = BatchAdapter()
         self._group_hits: dict[int, list[int]] = {}
@@ -198,11 +197,13 @@ class Classifier(L.LightningModule):
                 images = self.batch_transform(images)
         if self.source_consistency:
             sources = batch["source"] if isinstance(batch, Mapping) else batch[-1]
-            logits = self(torch.cat([images, sources])).chunk(2)
+            with torch.no_grad():
+                views = list(self.consistency(sources)) if self.consistency is not None else []
+            logits = self(torch.cat([images, sources, *views])).chunk(2 + len(views))
             losses = F.cross_entropy(logits[0], view.targets, reduction="none")
             clean = F.cross_entropy(logits[1], view.targets, reduction="none")
             loss = self.objective(clean, view) if self.objective is not None else clean.mean()
-            loss = loss + self.consistency_weight * jsd_consistency(logits[1], logits[0])
+            loss = loss + self.consistency_weight * jsd_consistency(logits[1], logits[0], *logits[2:])
         elif self.consistency is None:
             losses = F.cross_entropy(self(images), view.targets, reduction="none")
             loss = self.objective(losses, view) if self.objective is not None else losses.mean()

@@ -115,8 +115,9 @@ def lightning_synth_method(
         floor: ``MixingChains``' uniform floor (``None``: its default).
         untargeted_sampler: with ``targeted=False``, keep the loss-focused sampler (the ablation that leaves
             only the profile's targeting out).
-        source: consistency with the real source instead (``SyntheticDataModule(deliver_source=True)``:
-            cross-entropy on each sample's source, Jensen-Shannon between source and sample; 2 forward passes).
+        source: consistency with the real source (``SyntheticDataModule(deliver_source=True)``: cross-entropy
+            on each sample's source, Jensen-Shannon between source and sample; 2 forward passes); with
+            ``consistency``, one mixing-chain view of each source joins the Jensen-Shannon term (3 passes).
         reducible: with ``adaptive``, the sampler weighs reducible loss
             (``AdaptiveSampling(irreducible=IrreducibleLoss(...))``, trained on the validation split).
     """
@@ -148,16 +149,16 @@ def lightning_synth_method(
         return analyzers[ctx.seed]
 
     def make_module(ctx: MethodContext) -> Classifier:
-        if source:
-            return ctx.classifier(source_consistency=True)
         if not consistency:
-            return ctx.classifier()
+            return ctx.classifier(source_consistency=source)
         # untargeted: plain AugMix chains; targeted: the analyzer's tilt, at MixingChains' floor unless given
         options: dict[str, Any] = {"analyzer": analyzer(ctx)} if targeted else {"floor": 1.0}
         if targeted and floor is not None:
             options["floor"] = floor
+        if source:  # one chain view of each source joins the source and the sample: 3 passes, as the chains alone
+            options["num_views"] = 1
         chains[ctx.seed] = MixingChains(bank_names(ctx), **options)
-        return ctx.classifier(consistency=chains[ctx.seed])
+        return ctx.classifier(consistency=chains[ctx.seed], source_consistency=source)
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
         out: list[Callback] = [analyzer(ctx)] if targeted else []
@@ -214,6 +215,9 @@ VARIANTS: list[tuple[str, Callable[[], Method]]] = [
     ("ls_source", lambda: lightning_synth_method(
         "ls_source", gan=False, source=True,
         description="defaults + consistency with the real source (deliver_source=True; 2 forward passes)")),
+    ("ls_source_chains", lambda: lightning_synth_method(
+        "ls_source_chains", gan=False, source=True, consistency=True,
+        description="ls_source with one targeted mixing-chain view of each source in the JSD (3 passes)")),
     ("uniform_share_source", lambda: lightning_synth_method(
         "uniform_share_source", gan=False, source=True, targeted=False,
         description="ablation: ls_source with the bank at random (no targeting)")),

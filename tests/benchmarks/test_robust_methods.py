@@ -8,7 +8,7 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from benchmarks import methods as methods_module
-from benchmarks.common import Classifier, MethodContext, budget, build_method, export_torchscript, run_method
+from benchmarks.common import MethodContext, budget, build_method, export_torchscript, run_method
 from benchmarks.robustness import family_score, paired, per_seed_metrics
 from lightning_synth.consistency import MixingChains, jsd_consistency
 from lightning_synth.data import SyntheticDataModule
@@ -81,8 +81,16 @@ def test_source_variants_pair_samples_with_their_sources(tmp_path):
     expected = torch.nn.functional.cross_entropy(source_logits, y) + 12.0 * jsd_consistency(source_logits, logits)
     assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert torch.allclose(out["per_sample_loss"], torch.nn.functional.cross_entropy(logits, y, reduction="none"))
-    with pytest.raises(ValueError, match="`source_consistency` and `consistency` are alternatives"):
-        Classifier(source_consistency=True, consistency=MixingChains())
+    both = build_method("ls_source_chains", "robustness").make_module(ctx)
+    assert both.source_consistency and both.consistency.num_views == 1
+    both.net = model.net
+    views = []
+    both.consistency = lambda images: views.append(images) or [images.flip(-2)]
+    out = both.training_step((x, y, x.flip(-1)), 0)
+    view_logits = model(x.flip(-1).flip(-2))
+    expected = (torch.nn.functional.cross_entropy(source_logits, y)
+                + 12.0 * jsd_consistency(source_logits, logits, view_logits))
+    assert torch.equal(views[0], x.flip(-1)) and float(out["loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.slow
