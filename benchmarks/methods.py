@@ -221,6 +221,9 @@ VARIANTS: list[tuple[str, Callable[[], Method]]] = [
     ("uniform_share_source", lambda: lightning_synth_method(
         "uniform_share_source", gan=False, source=True, targeted=False,
         description="ablation: ls_source with the bank at random (no targeting)")),
+    ("uniform_share_source_sampler", lambda: lightning_synth_method(
+        "uniform_share_source_sampler", gan=False, source=True, targeted=False, untargeted_sampler=True,
+        description="ablation: uniform_share_source with the loss-focused sampler (no profile targeting)")),
     ("uniform_share", lambda: lightning_synth_method(
         "uniform_share", gan=False, consistency=True, targeted=False,
         description="lightning_synth's pool, share, budget and JSD with the bank at random: no targeting")),

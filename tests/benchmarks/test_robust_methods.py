@@ -67,7 +67,7 @@ def test_lightning_synth_row_is_the_library_defaults(tmp_path):
 
 def test_source_variants_pair_samples_with_their_sources(tmp_path):
     ctx = _ctx(tmp_path)
-    for name in ("ls_source", "uniform_share_source"):
+    for name in ("ls_source", "uniform_share_source", "uniform_share_source_sampler"):
         method = build_method(name, "robustness")
         assert method.wrap_datamodule(DigitsDataModule(batch_size=128), ctx).deliver_source
         model = method.make_module(ctx)
