@@ -5,7 +5,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["check_int", "check_number"]
+__all__ = ["check_bool", "check_int", "check_number"]
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``TypeError`` unless ``value`` is a bool.
+
+    Example:
+        >>> check_bool("sequential", True)
+        >>> check_bool("sequential", 1)
+        Traceback (most recent call last):
+        ...
+        TypeError: `sequential` must be a bool, got int: 1
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}: {value!r}")
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_synth._validation import check_bool
 from lightning_synth.batch import BatchAdapter, resolve_batch_adapter
 from lightning_synth.callbacks import AdaptiveSampling, FailureModeCallback, SynthesisCallback
 from lightning_synth.control import SynthesisController
@@ -119,8 +120,7 @@ class SyntheticDataModule(L.LightningDataModule):
         super().__init__()
         if not isinstance(datamodule, L.LightningDataModule):
             raise TypeError(f"`datamodule` must be a LightningDataModule, got {type(datamodule).__name__}")
-        if not isinstance(deliver_source, bool):
-            raise TypeError(f"`deliver_source` must be a bool, got {type(deliver_source).__name__}: {deliver_source!r}")
+        check_bool("deliver_source", deliver_source)
         self.deliver_source = deliver_source
         self.datamodule = datamodule
         self.engine = SynthesisEngine(

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassRec
 from torchmetrics.wrappers import ClasswiseWrapper
 from typing_extensions import override
 
-from lightning_synth._validation import check_int
+from lightning_synth._validation import check_bool, check_int
 from lightning_synth.analysis import GroupAccuracy, build_profile
 from lightning_synth.batch import BatchAdapter, BatchView, resolve_batch_adapter
 from lightning_synth.callbacks._validation_hooks import (  # the underscored ones: old import paths
@@ -166,9 +166,8 @@ class FailureModeCallback(Callback):
         check_int("ignore_index", ignore_index, -(2**62))
         if probe_batch_size is not None:
             check_int("probe_batch_size", probe_batch_size, 1)
-        for name, flag in (("sequential", sequential), ("quick_reads", quick_reads)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}: {flag!r}")
+        check_bool("sequential", sequential)
+        check_bool("quick_reads", quick_reads)
         if value_range is not None and not isinstance(value_range, ValueRange):
             raise TypeError(f"`value_range` must be a ValueRange or None, got {type(value_range).__name__}")
         if class_names is not None and (

@@ -74,22 +74,22 @@ class MixedDataset(Dataset):
             positions = [indices[k] - self.num_real for k in synthetic]
             inputs, targets = self.pool.read(positions)
             inputs = self.value_range.from_unit(inputs)
-            sources = self.pool.sources(positions).tolist() if self.deliver_source else [-1] * len(synthetic)
-            for k, x, y, source in zip(synthetic, inputs, targets, sources, strict=True):
-                sample = self._as_real(x, y)
-                out[k] = self._with_source(sample, x if source < 0 else self._input(self.real[source]))
+            for k, x, y in zip(synthetic, inputs, targets, strict=True):
+                out[k] = self._as_real(x, y)
+            if self.deliver_source:
+                for k, x, source in zip(synthetic, inputs, self.pool.sources(positions).tolist(), strict=True):
+                    out[k] = self._with_source(out[k], x if source < 0 else self._input(self.real[source]))
         for k, i in enumerate(indices):
             if i < self.num_real:
-                sample = self.real[i]
-                out[k] = self._with_source(sample, self._input(sample))
+                out[k] = self.real[i]
+                if self.deliver_source:
+                    out[k] = self._with_source(out[k], self._input(out[k]))
         return out
 
-    def _input(self, sample: Any) -> Any:
-        return self.adapter.unpack(sample).inputs if self.deliver_source else None
+    def _input(self, sample: Any) -> Tensor:
+        return self.adapter.unpack(sample).inputs
 
-    def _with_source(self, sample: Any, source: Any) -> Any:
-        if not self.deliver_source:
-            return sample
+    def _with_source(self, sample: Any, source: Tensor) -> Any:
         if isinstance(sample, Mapping):
             return {**sample, self.source_key: source}
         return type(sample)([*sample, source])

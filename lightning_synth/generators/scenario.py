@@ -245,10 +245,8 @@ class ScenarioGenerator(SyntheticGenerator):
     def _confusion(self, items: list[_Item], n: int, context: GenerationContext, profile: WeaknessProfile) -> _Part:
         del profile
         counts = _allocate(torch.tensor([i.weight for i in items], dtype=torch.float64), n, context.generator)
-        bases: list[Tensor] = []
         rows: list[Tensor] = []
         distractors: list[Tensor] = []
-        labels: list[Tensor] = []
         keys: list[str] = []
         for item, count in zip(items, counts):
             if count == 0:
@@ -257,15 +255,13 @@ class ScenarioGenerator(SyntheticGenerator):
                 if not 0 <= cls < context.num_classes:
                     raise ValueError(f"Weakness {item.key!r} names class {cls}, but the task has "
                                      f"{context.num_classes} classes (`context.num_classes`)")
-            base = context.sample_rows(count, torch.tensor([item.value]))
-            rows.append(base)
-            bases.append(context.real_rows(base))
-            labels.append(context.real_targets[base])
+            rows.append(context.sample_rows(count, torch.tensor([item.value])))
             distractors.append(context.sample_real(count, torch.tensor([item.other]))[0])
             keys.extend([item.key] * count)
-        images = paste_distractor(torch.cat(bases).to(context.device), torch.cat(distractors).to(context.device),
+        base = torch.cat(rows)
+        images = paste_distractor(context.real_rows(base).to(context.device), torch.cat(distractors).to(context.device),
                                   self.distractor_scale, self.distractor_alpha, context.generator)
-        return images.cpu(), torch.cat(labels).long(), keys, torch.ones(n), torch.cat(rows)
+        return images.cpu(), context.real_targets[base].long(), keys, torch.ones(n), base
 
     def _slice(self, items: list[_Item], n: int, context: GenerationContext, profile: WeaknessProfile) -> _Part:
         del profile
