@@ -48,7 +48,7 @@ from lightning_synth.profile import WeaknessProfile
 from lightning_synth.report import render_frontier_chart, render_heatmap
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "full": {"full_sweep_every": 1, "sequential": False},
+    "full": {"full_sweep_every": 1, "sequential": False, "ladder_search": False},
     "cheap": {},
 }
 TOP_K = 20

@@ -15,12 +15,16 @@ replay of the defaults must reproduce its probe forwards and agreement exactly (
 Rules replayed (:data:`RULES`):
 
 - ``defaults``: :class:`~lightning_synth.callbacks.FailureModeCallback`'s rule (window passes; stages at 1/4 and
-  5/8 of the budget, the last one the rank stage; the same stop rule on every pass).
+  5/8 of the budget, the last one the rank stage; the same stop rule on every pass; the ladder search, cells
+  within 0.05 of the threshold scored on every sample).
+- ``no_ladder_search``: the defaults before the ladder search (every planned cell scored on every sample);
+  ``exact_band_0.03`` and ``exact_band_0.08``: the ladder search with a narrower or wider exact band.
 - ``rank_at_half`` and ``rank_at_3_4``: the defaults with the rank stage at a half or three quarters of the
   budget.
 - ``quick_reads_rank_at_half``: the callback's earlier defaults (``quick_reads=True``, rank stage at a half:
-  every settled cell stops at the first stage on the first analysis and for moved frontiers).
-- ``all_at_half``: every cell on the first half of the probe samples (a fixed budget, no sequential rule).
+  every settled cell stops at the first stage on the first analysis and for moved frontiers; no ladder search).
+- ``all_at_half``: every cell on the first half of the probe samples (a fixed budget, no sequential rule, no
+  ladder search).
 - Replay-only rules (the callback has no option for them; they test cheaper ways to read the first analyses,
   which set the cost of a short fit): ``window_second`` (the second analysis is a window pass around the first
   one's frontiers, instead of the whole ladder of every perturbation whose frontier lies more than a level
@@ -62,10 +66,13 @@ from lightning_synth.profile import WeaknessProfile
 
 RULES: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "no_ladder_search": {"ladder_search": False},
+    "exact_band_0.03": {"exact_band": 0.03},
+    "exact_band_0.08": {"exact_band": 0.08},
     "rank_at_half": {"stages": (0.25, 0.5)},
     "rank_at_3_4": {"stages": (0.25, 0.75)},
-    "quick_reads_rank_at_half": {"quick_reads": True, "stages": (0.25, 0.5)},
-    "all_at_half": {"fixed": 0.5},
+    "quick_reads_rank_at_half": {"quick_reads": True, "stages": (0.25, 0.5), "ladder_search": False},
+    "all_at_half": {"fixed": 0.5, "ladder_search": False},
     "window_second": {"window_second": True},
     "window_second_rank_at_half": {"window_second": True, "stages": (0.25, 0.5)},
     "later_rank_at_half": {"later_stages": (0.25, 0.5)},
@@ -171,8 +178,8 @@ def _agreement(cheap: WeaknessProfile, full: WeaknessProfile, severities: Sequen
 
 # ------------------------------------------------------------------------------------------------ replaying
 class ReplayProber(PerturbationProber):
-    """A :class:`PerturbationProber` whose probe segments read recorded hits instead of running the model;
-    everything else (plans, stages, stop rules, carry-over) is the prober's own.
+    """A :class:`PerturbationProber` whose probe requests read recorded hits instead of running the model;
+    everything else (plans, stages, stop rules, ladder search, carry-over) is the prober's own.
 
     Replay-only rules: ``fixed`` probes every cell on that share of the samples (a fixed budget);
     ``window_second`` makes the second analysis a window pass around the first one's frontiers (no perturbation
@@ -187,18 +194,11 @@ class ReplayProber(PerturbationProber):
         self.first_stages = self.stage_fractions
         self.later_stages = tuple(later_stages) if later_stages is not None else self.stage_fractions
         self.hits: Tensor = torch.zeros(0, dtype=torch.bool)
-        self.clean: Tensor = torch.zeros(0, dtype=torch.bool)
+        self.clean: Tensor = torch.zeros(0, dtype=torch.bool)  # the recorded clean hits (``probe``'s ``hits``)
 
-    def _probe_segment(self, inputs: Tensor, targets: Tensor, hits: Tensor, keep: Tensor, score: Any,
-                       value_range: Any) -> int:
-        assert self.plan is not None
-        rows = slice(self.seen, self.seen + len(targets))
-        clean = self.clean[rows]
-        self.metric.update(slice(None), 0, clean.unsqueeze(0).expand(len(self.bank), -1))
-        cells = self.plan.nonzero().tolist()
-        for p, s in cells:
-            self.metric.update(p, s + 1, self.hits[p, s, rows], clean)
-        return len(cells) * len(clean)
+    def _scorer(self, inputs: Tensor, targets: Tensor, keep: Tensor, score: Any, value_range: Any) -> Any:
+        offset = self.seen  # the segment's first probe sample
+        return lambda requests: [self.hits[p, s, offset + idx] for p, s, idx in requests]
 
     def start_pass(self, profile: WeaknessProfile | None, world: int, rank: int, device: torch.device) -> None:
         self.stage_fractions = self.first_stages if self.analyses == 0 else self.later_stages
@@ -231,6 +231,7 @@ def replay(record: dict[str, Any], rule: dict[str, Any], max_samples: int, batch
         1 if fixed is not None else live.full_sweep_every, live.sequential, live.probe_batch_size, live.seed,
         stages=(fixed,) if fixed is not None else rule.get("stages", live.stage_fractions),
         param_cache_bytes=0, refresh_top=live.refresh_top, quick_reads=rule.get("quick_reads", live.quick_reads),
+        ladder_search=rule.get("ladder_search", live.ladder_search), exact_band=rule.get("exact_band", live.exact_band),
         fixed=fixed, window_second=rule.get("window_second", False), later_stages=rule.get("later_stages"),
     )
     rows: list[dict[str, Any]] = []
@@ -242,8 +243,8 @@ def replay(record: dict[str, Any], rule: dict[str, Any], max_samples: int, batch
         forwards = 0
         for start in range(0, len(prober.clean), batch_size):
             n = min(batch_size, len(prober.clean) - start)
-            ones = torch.ones(n, dtype=torch.bool)
-            forwards += prober.probe(ones, torch.zeros(n, dtype=torch.long), ones, ones, _no_model, _no_model,
+            ones, clean = torch.ones(n, dtype=torch.bool), prober.clean[start:start + n]
+            forwards += prober.probe(ones, torch.zeros(n, dtype=torch.long), clean, ones, _no_model, _no_model,
                                      identity)
         counts = prober.finish_pass(identity)
         profile = build_profile(

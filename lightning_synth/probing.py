@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_synth.analysis import ProbeAccuracy, paired_gap_interval
+from lightning_synth.ladder import Request, ladder_hits
 from lightning_synth.perturbations import Params, Perturbation, PerturbationBank
 from lightning_synth.profile import WeaknessProfile
 from lightning_synth.value_range import ValueRange
@@ -47,6 +48,10 @@ class PerturbationProber:
             lead the ranking of weaknesses, and a kept measurement of them goes stale as the model trains).
         quick_reads: read the first analysis and perturbations whose frontier moved quickly (every settled
             cell stops at the first stage; see :meth:`stop_mask`): cheaper, rougher rankings.
+        ladder_search: find each clean-right sample's breaking level by bisection along the ladder
+            (:func:`~lightning_synth.ladder.ladder_hits`) instead of scoring it at every planned level.
+        exact_band: with ``ladder_search``, cells whose last gap lies this close to ``frontier_threshold``
+            are scored on every sample (:meth:`exact_cells`).
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -75,6 +80,8 @@ class PerturbationProber:
         param_cache_bytes: int = 256 * 2**20,
         refresh_top: int = 0,
         quick_reads: bool = False,
+        ladder_search: bool = True,
+        exact_band: float = 0.05,
     ) -> None:
         self.bank, self.severities = bank, tuple(severities)
         self.max_samples, self.frontier_threshold = max_samples, frontier_threshold
@@ -82,6 +89,7 @@ class PerturbationProber:
         self.probe_batch_size, self.seed = probe_batch_size, seed
         self.stage_fractions, self.param_cache_bytes = tuple(stages), param_cache_bytes
         self.refresh_top, self.quick_reads = refresh_top, quick_reads
+        self.ladder_search, self.exact_band = ladder_search, exact_band
         self._param_cache: dict[tuple[Any, ...], Params] = {}
         self._param_cache_size = 0
         # Decision state (identical on every rank: derived from counts summed over ranks)
@@ -89,6 +97,7 @@ class PerturbationProber:
         self.full_next = True
         self.moved: set[str] = set()  # perturbations whose frontier moved by more than a level
         self.memory: Tensor | None = None  # (4, P, S + 1) counts of each cell's last measurement
+        self._reference: Tensor | None = None  # the latest counts summed over ranks (see exact_cells)
         # Pass state
         self.metric = ProbeAccuracy(len(bank), len(self.severities))
         self.plan: Tensor | None = None  # (P, S) cells to probe this pass
@@ -103,6 +112,7 @@ class PerturbationProber:
         self.metric = ProbeAccuracy(len(self.bank), len(self.severities)).to(device)
         self.seen = 0
         self.plan = self.probe_plan(profile)
+        self._reference = self.memory
         # Perturbations read quickly this pass (settled cells stop at the first stage), with ``quick_reads``:
         # all on the first analysis, else those whose frontier moved by more than a level.
         self.quick = torch.tensor([self.quick_reads and (self.memory is None or n in self.moved)
@@ -195,47 +205,65 @@ class PerturbationProber:
         self, inputs: Tensor, targets: Tensor, hits: Tensor, keep: Tensor, score: ScoreFn, value_range: RangeFn,
     ) -> int:
         assert self.plan is not None
+        clean = hits[keep.to(hits.device)]
+        self.metric.update(slice(None), 0, clean.unsqueeze(0).expand(len(self.bank), -1))
+        if not len(clean) or not bool(self.plan.any()):
+            return 0
+        exact = self.exact_cells() if self.ladder_search else torch.ones_like(self.plan)
+        cells, scored = ladder_hits(self.plan, exact, clean, self._scorer(inputs, targets, keep, score, value_range))
+        for (p, s), row in cells.items():
+            self.metric.update(p, s + 1, row.to(clean.device), clean)
+        return scored
+
+    def exact_cells(self) -> Tensor:
+        """``(P, S)`` cells the ladder search scores on every sample: those whose gap, in the last counts summed
+        over ranks (this pass's latest stage, the last measurement for the others), lies within
+        ``exact_band`` of the frontier threshold; none before the first counts."""
+        if self._reference is None:
+            return torch.zeros(len(self.bank), len(self.severities), dtype=torch.bool)
+        gap = paired_gap_interval(self._reference[:, :, 1:])[0]
+        return (gap - self.frontier_threshold).abs() <= self.exact_band
+
+    def _scorer(self, inputs: Tensor, targets: Tensor, keep: Tensor, score: ScoreFn, value_range: RangeFn
+                ) -> Callable[[list[Request]], list[Tensor]]:
+        """Scores ladder requests on the kept samples of a segment: perturbed copies concatenated into forwards
+        of at most ``probe_batch_size`` images (default: the segment's size)."""
         # The validation sampler shards round-robin, so local position p on rank r is dataset index p*W+r:
         # seeding each sample by that index gives the same perturbation as in a single process.
         positions = torch.arange(self.seen, self.seen + len(targets))
-        seeds = positions * self._world + self._rank + self.seed * 1_000_003
+        seeds = (positions * self._world + self._rank + self.seed * 1_000_003)[keep.cpu()]
         keep = keep.to(inputs.device)
-        images, labels, clean = inputs[keep], targets[keep], hits[keep]
-        seeds = seeds[keep.cpu()]
-        probe = self.metric
-        probe.update(slice(None), 0, clean.unsqueeze(0).expand(len(self.bank), -1))
-        cells = self.plan.nonzero().tolist()
-        if not len(labels) or not cells:
-            return 0
+        images, labels = inputs[keep], targets[keep]
         vr = value_range(images)
         unit = vr.to_unit(images)
         chunk = self.probe_batch_size or max(len(targets), 1)
         ops = list(self.bank)
-        batch: list[Tensor] = []
-        pending: list[tuple[int, int]] = []
-        queued = scored = 0
 
-        def flush() -> None:
-            nonlocal batch, pending, queued, scored
-            if not batch:
-                return
-            preds = score(torch.cat(batch)).argmax(-1).view(len(pending), -1)
-            correct = preds == labels.unsqueeze(0).to(preds.device)
-            for (p, s), row in zip(pending, correct):
-                probe.update(p, s + 1, row, clean)
-            scored += len(pending) * len(labels)
-            batch, pending, queued = [], [], 0
+        def scorer(requests: list[Request]) -> list[Tensor]:
+            out: list[Tensor] = []
+            batch: list[Tensor] = []
+            rows: list[Tensor] = []
 
-        for p, s in cells:
-            op: Perturbation = ops[p]
-            params = self._probe_params(op, unit.shape, self.severities[s], seeds)
-            batch.append(vr.from_unit(op.apply(unit, params)).to(inputs.dtype))
-            pending.append((p, s))
-            queued += len(labels)
-            if queued + len(labels) > chunk:
+            def flush() -> None:
+                preds = score(torch.cat(batch)).argmax(-1)
+                correct = preds == labels[torch.cat(rows)].to(preds.device)
+                out.extend(correct.split([len(r) for r in rows]))
+                batch.clear()
+                rows.clear()
+
+            for p, s, idx in requests:
+                if batch and sum(len(r) for r in rows) + len(idx) > chunk:
+                    flush()
+                op: Perturbation = ops[p]
+                idx = idx.to(unit.device)
+                params = self._probe_params(op, unit.shape, self.severities[s], seeds, idx.cpu())
+                batch.append(vr.from_unit(op.apply(unit[idx], params)).to(inputs.dtype))
+                rows.append(idx)
+            if batch:
                 flush()
-        flush()
-        return scored
+            return out
+
+        return scorer
 
     def _sequential_stop(self, reduce_sum: ReduceFn) -> None:
         """Stop the cells whose measurement is good enough for what it decides (on counts summed over ranks,
@@ -243,6 +271,7 @@ class PerturbationProber:
         if self.plan is None:
             return
         counts = self._with_memory(reduce_sum(self.metric.counts().clone()).cpu())  # cells outside the plan
+        self._reference = counts
         rank_stage = self.seen >= self.stages[-1] if self.stages else True
         stop = self.stop_mask(counts[:, :, 1:], self.frontier_threshold, rank_stage, self.quick)
         self.plan = self.plan & ~stop
@@ -293,18 +322,24 @@ class PerturbationProber:
             stop = torch.where(quick.unsqueeze(-1), below | above, stop)
         return stop
 
-    def _probe_params(self, op: Perturbation, shape: torch.Size, severity: int, seeds: Tensor) -> Params:
-        """Per-sample probe parameters, cached across epochs: the probe subset is the same every analysis."""
-        key = (op.name, severity, tuple(shape), tuple(seeds.tolist()) if not op.keyed_draws else (
-            int(seeds[0]), len(seeds)))
-        params = self._param_cache.get(key) if not op.keyed_draws else None
+    def _probe_params(self, op: Perturbation, shape: torch.Size, severity: int, seeds: Tensor, rows: Tensor
+                      ) -> Params:
+        """Per-sample probe parameters of the ``rows`` of a segment's samples. Keyed draws are made for those
+        rows alone (a sample's draw depends on its seed only); the others are drawn for the whole segment and
+        cached across epochs (the probe subset is the same every analysis)."""
+        if op.keyed_draws:
+            return op.sample_params_per_sample(torch.Size((len(rows), *shape[1:])), severity, seeds[rows])
+        key = (op.name, severity, tuple(shape), tuple(seeds.tolist()))
+        params = self._param_cache.get(key)
         if params is None:
             params = op.sample_params_per_sample(shape, severity, seeds)
             size = sum(v.numel() * v.element_size() for v in params.values())
-            if not op.keyed_draws and self._param_cache_size + size <= self.param_cache_bytes:
+            if self._param_cache_size + size <= self.param_cache_bytes:
                 self._param_cache[key] = params
                 self._param_cache_size += size
-        return params
+        if len(rows) == len(seeds):
+            return params
+        return {k: v[rows] if v.ndim and v.shape[0] == len(seeds) else v for k, v in params.items()}
 
     def _with_memory(self, counts: Tensor) -> Tensor:
         """``counts`` with every cell not probed this pass replaced by its last measurement (the clean column

@@ -22,7 +22,7 @@ def test_a_full_pass_scores_every_cell_on_the_budget_then_the_plan_narrows_to_th
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     images, labels = torch.rand(40, 1, 8, 8), torch.randint(0, 10, (40,))
-    prober = _prober(max_samples=32, sequential=False, full_sweep_every=5, refresh_top=0)
+    prober = _prober(max_samples=32, sequential=False, full_sweep_every=5, refresh_top=0, ladder_search=False)
     scored, counts = _pass(prober, net, images, labels)
     assert scored == 2 * 5 * 32  # every cell on the first 32 samples, never more than the budget
     assert counts[1, :, 1:].eq(32).all() and counts[1, :, 0].eq(32).all()
@@ -117,3 +117,28 @@ def test_quick_reads_read_the_first_analysis_and_moved_frontiers_quickly_the_def
         p.start_pass(moved, 1, 0, torch.device("cpu"))
     assert prober.quick.tolist() == [False, True]  # noise's frontier lies more than a level below the top
     assert not precise.quick.any()
+
+
+def test_the_ladder_search_scores_the_cells_near_the_threshold_on_every_sample():
+    prober = _prober(exact_band=0.05)
+    assert not prober.exact_cells().any()  # no counts yet: every cell is searched
+    prober.memory = torch.zeros(4, 2, 6, dtype=torch.float64)
+    prober.memory[1], prober.memory[2] = 100, 90
+    prober.memory[0, 0, 1:] = torch.tensor([90, 88, 80, 40, 30])  # rotation: gaps .0 .02 .1 .5 .6
+    prober.memory[0, 1, 1:] = torch.tensor([90, 90, 86, 84, 60])  # noise: gaps .0 .0 .04 .06 .3
+    prober.start_pass(None, world=1, rank=0, device=torch.device("cpu"))
+    assert prober.exact_cells().tolist() == [[False, False, True, False, False], [False, False, False, True, False]]
+
+
+def test_a_ladder_pass_counts_every_sample_in_every_cell_from_fewer_forwards_and_splits_over_ranks_alike():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    images, labels = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    labels[:40] = net(images[:40]).argmax(1)  # most samples right on clean input, as in a trained model
+    kwargs = dict(max_samples=64, sequential=False)
+    sweep_scored, sweep = _pass(_prober(ladder_search=False, **kwargs), net, images, labels)
+    scored, counts = _pass(_prober(**kwargs), net, images, labels)
+    assert scored < 0.8 * sweep_scored
+    assert torch.equal(counts[1], sweep[1]) and torch.equal(counts[2], sweep[2])  # every sample in every cell
+    ranks = [_pass(_prober(**kwargs), net, images[r::2], labels[r::2], world=2, rank=r) for r in (0, 1)]
+    assert sum(s for s, _ in ranks) == scored and torch.equal(ranks[0][1] + ranks[1][1], counts)

@@ -67,6 +67,9 @@ class FailureModeCallback(Callback):
     - **Batched.** Per validation batch, every active cell's perturbed copies are concatenated and scored
       in forwards of ``probe_batch_size``; per-sample parameters come from counter-based hashing of (seed,
       sample index), drawn in one vectorised call.
+    - **Ladder search.** A sample keeps its parameters along a ladder, so one the model gets right is scored
+      at the levels a bisection for its breaking level needs, its other levels read off that level
+      (:mod:`lightning_synth.ladder`); samples it gets wrong and cells near the threshold: every level.
 
     Inputs that are not images ``(B, C, H, W)`` (tabular rows, token ids) are analysed by class, confusion
     and slice; perturbation probes are skipped with one warning. Images outside ``[0, 1]`` (uint8,
@@ -99,6 +102,7 @@ class FailureModeCallback(Callback):
         value_range: the range and dtype of the inputs (default: detected from the first validation batch).
         quick_reads: on the first analysis and for moved frontiers, stop every settled cell at a quarter of
             the budget: cheaper, but a noisier ranking of weaknesses (``benchmarks/analyzer_replay.py``).
+        ladder_search: bisect each ladder for the samples the model gets right (see above).
 
     Raises:
         ValueError: if a number is out of range, a severity is not in ``1..5``, a perturbation is unknown or
@@ -130,6 +134,7 @@ class FailureModeCallback(Callback):
     STAGES = (0.25, 0.625)  # fractions of the probe budget after which cells stop (the last: the rank stage)
     REFRESH_SHARE = 1 / 3  # share of the cells, those with the largest last gaps, that window passes re-probe
     PARAM_CACHE_BYTES = 256 * 2**20  # probe parameters kept across epochs (the probe subset does not change)
+    EXACT_BAND = 0.05  # ladder search: cells with a last gap this close to the threshold are scored on every sample
 
     def __init__(
         self,
@@ -154,6 +159,7 @@ class FailureModeCallback(Callback):
         ignore_index: int = -100,
         value_range: ValueRange | None = None,
         quick_reads: bool = False,
+        ladder_search: bool = True,
     ) -> None:
         super().__init__()
         self.bank = PerturbationBank(perturbations)
@@ -168,6 +174,7 @@ class FailureModeCallback(Callback):
             check_int("probe_batch_size", probe_batch_size, 1)
         check_bool("sequential", sequential)
         check_bool("quick_reads", quick_reads)
+        check_bool("ladder_search", ladder_search)
         if value_range is not None and not isinstance(value_range, ValueRange):
             raise TypeError(f"`value_range` must be a ValueRange or None, got {type(value_range).__name__}")
         if class_names is not None and (
@@ -202,7 +209,7 @@ class FailureModeCallback(Callback):
             self.bank, self.severities, max_samples, frontier_threshold, full_sweep_every, sequential,
             probe_batch_size, seed, stages=self.STAGES, param_cache_bytes=self.PARAM_CACHE_BYTES,
             refresh_top=math.ceil(len(self.bank) * len(self.severities) * self.REFRESH_SHARE),
-            quick_reads=quick_reads,
+            quick_reads=quick_reads, ladder_search=ladder_search, exact_band=self.EXACT_BAND,
         )
         self._tap = LogitsTap()
         self._warned_not_images, self._active = False, False
@@ -237,15 +244,8 @@ class FailureModeCallback(Callback):
         self._tap.captured = None
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self._active or dataloader_idx != 0:
             return
         view = self.adapter.unpack(batch)

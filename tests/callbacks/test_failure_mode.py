@@ -168,7 +168,7 @@ def test_cheaper_probing_keeps_every_cell_and_resumes_its_decisions(tmp_path, tk
     """Sequential stopping and frontier windows probe a fraction of the full sweep; unprobed cells keep their
     last measurement, so every profile still has every (perturbation, severity) cell."""
     kwargs = dict(perturbations=["rotation", "gaussian_noise", "brightness"], max_samples=128)
-    full = FailureModeCallback(full_sweep_every=1, sequential=False, **kwargs)
+    full = FailureModeCallback(full_sweep_every=1, sequential=False, ladder_search=False, **kwargs)
     L.Trainer(max_epochs=4, callbacks=[full], **tkw()).fit(_model(), datamodule=DigitsDataModule())
     assert full.probe_forwards == 4 * 128 * 3 * 5
     cheap = FailureModeCallback(**kwargs)
