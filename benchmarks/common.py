@@ -542,7 +542,7 @@ def context_from_args(
         task=task, seed=seed, in_channels=in_channels, num_classes=10, image_size=(28, 28),
         batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
         max_steps=max_steps, train_size=train_size, root_dir=root_dir, accelerator=args.accelerator,
-        width=args.width, extras=dict(extras or {}),
+        width=args.width, extras={**(extras or {}), "ladder_search": not args.no_ladder_search},
     )
 
 
@@ -720,6 +720,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--test-size", type=int, default=None, help="cap on test samples")
     parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--no-ladder-search", action="store_true",
+                        help="lightning_synth's analyzer scores every planned cell on every probe sample (its probing "
+                             "before the ladder search: reproduces the rows measured before it)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument(
         "--plugins",

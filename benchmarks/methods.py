@@ -145,7 +145,8 @@ def lightning_synth_method(
         if ctx.seed not in analyzers:
             groups = int(ctx.extras.get("num_groups", 64))  # the worst-group task has 100 (class, colour) groups
             analyzers[ctx.seed] = FailureModeCallback(bank_names(ctx), max_samples=256, seed=ctx.seed,
-                                                      max_groups=groups)
+                                                      max_groups=groups,
+                                                      ladder_search=bool(ctx.extras.get("ladder_search", True)))
         return analyzers[ctx.seed]
 
     def make_module(ctx: MethodContext) -> Classifier:
