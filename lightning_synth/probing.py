@@ -60,8 +60,9 @@ class PerturbationProber:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
         >>> images, labels = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
         >>> hits, keep = net(images).argmax(1) == labels, torch.ones(8, dtype=torch.bool)
-        >>> prober.probe(images, labels, hits, keep, net, ValueRange.detect, lambda t: t)  # perturbed images scored
-        24
+        >>> # 8 samples x 3 levels, less one level of the sample the net gets right (found by bisection)
+        >>> int(hits.sum()), prober.probe(images, labels, hits, keep, net, ValueRange.detect, lambda t: t)
+        (1, 23)
         >>> prober.finish_pass(lambda t: t).shape  # correct, total, clean_correct, discordant x (P, 1 + S)
         torch.Size([4, 1, 4])
     """
@@ -227,7 +228,7 @@ class PerturbationProber:
     def _scorer(self, inputs: Tensor, targets: Tensor, keep: Tensor, score: ScoreFn, value_range: RangeFn
                 ) -> Callable[[list[Request]], list[Tensor]]:
         """Scores ladder requests on the kept samples of a segment: perturbed copies concatenated into forwards
-        of at most ``probe_batch_size`` images (default: the segment's size)."""
+        of ``probe_batch_size`` images (default: the segment's size), all full but the last of a round."""
         # The validation sampler shards round-robin, so local position p on rank r is dataset index p*W+r:
         # seeding each sample by that index gives the same perturbation as in a single process.
         positions = torch.arange(self.seen, self.seen + len(targets))
@@ -240,28 +241,22 @@ class PerturbationProber:
         ops = list(self.bank)
 
         def scorer(requests: list[Request]) -> list[Tensor]:
-            out: list[Tensor] = []
-            batch: list[Tensor] = []
-            rows: list[Tensor] = []
-
-            def flush() -> None:
-                preds = score(torch.cat(batch)).argmax(-1)
-                correct = preds == labels[torch.cat(rows)].to(preds.device)
-                out.extend(correct.split([len(r) for r in rows]))
-                batch.clear()
-                rows.clear()
-
+            preds: list[Tensor] = []
+            queue: list[Tensor] = []  # perturbed images not scored yet: fewer than `chunk`
             for p, s, idx in requests:
-                if batch and sum(len(r) for r in rows) + len(idx) > chunk:
-                    flush()
                 op: Perturbation = ops[p]
-                idx = idx.to(unit.device)
-                params = self._probe_params(op, unit.shape, self.severities[s], seeds, idx.cpu())
-                batch.append(vr.from_unit(op.apply(unit[idx], params)).to(inputs.dtype))
-                rows.append(idx)
-            if batch:
-                flush()
-            return out
+                params = self._probe_params(op, unit.shape, self.severities[s], seeds, idx)
+                queue.append(vr.from_unit(op.apply(unit[idx.to(unit.device)], params)).to(inputs.dtype))
+                if sum(len(q) for q in queue) >= chunk:  # full forwards; a request may span two
+                    pending = torch.cat(queue)
+                    full = len(pending) // chunk * chunk
+                    preds += [score(pending[i:i + chunk]).argmax(-1) for i in range(0, full, chunk)]
+                    queue = [pending[full:]] if full < len(pending) else []
+            if queue:
+                preds.append(score(torch.cat(queue)).argmax(-1))
+            rows = torch.cat([idx for _, _, idx in requests])
+            correct = torch.cat(preds) == labels[rows.to(labels.device)].to(preds[0].device)
+            return list(correct.split([len(idx) for _, _, idx in requests]))
 
         return scorer
 
