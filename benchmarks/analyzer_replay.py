@@ -18,6 +18,8 @@ Rules replayed (:data:`RULES`):
   5/8 of the budget, the last one the rank stage; the same stop rule on every pass; the ladder search, cells
   within 0.05 of the threshold scored on every sample).
 - ``no_ladder_search``: the defaults before the ladder search (every planned cell scored on every sample);
+  ``bisection_search``: the ladder search before session 10 (plain bisection, not ordered by the last counts
+  nor bounded by the exact cells' hits);
   ``exact_band_0.03`` and ``exact_band_0.08``: the ladder search with a narrower or wider exact band.
 - ``rank_at_half`` and ``rank_at_3_4``: the defaults with the rank stage at a half or three quarters of the
   budget.
@@ -67,6 +69,7 @@ from lightning_synth.profile import WeaknessProfile
 RULES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "no_ladder_search": {"ladder_search": False},
+    "bisection_search": {"guided_search": False},
     "exact_band_0.03": {"exact_band": 0.03},
     "exact_band_0.08": {"exact_band": 0.08},
     "rank_at_half": {"stages": (0.25, 0.5)},
@@ -232,6 +235,7 @@ def replay(record: dict[str, Any], rule: dict[str, Any], max_samples: int, batch
         stages=(fixed,) if fixed is not None else rule.get("stages", live.stage_fractions),
         param_cache_bytes=0, refresh_top=live.refresh_top, quick_reads=rule.get("quick_reads", live.quick_reads),
         ladder_search=rule.get("ladder_search", live.ladder_search), exact_band=rule.get("exact_band", live.exact_band),
+        guided_search=rule.get("guided_search", live.guided_search),
         fixed=fixed, window_second=rule.get("window_second", False), later_stages=rule.get("later_stages"),
     )
     rows: list[dict[str, Any]] = []

@@ -542,7 +542,8 @@ def context_from_args(
         task=task, seed=seed, in_channels=in_channels, num_classes=10, image_size=(28, 28),
         batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
         max_steps=max_steps, train_size=train_size, root_dir=root_dir, accelerator=args.accelerator,
-        width=args.width, extras={**(extras or {}), "ladder_search": not args.no_ladder_search},
+        width=args.width, extras={**(extras or {}), "ladder_search": not args.no_ladder_search,
+                                  "guided_search": not args.bisection_search},
     )
 
 
@@ -556,6 +557,7 @@ def machine_info() -> dict[str, Any]:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
         "torch_default_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # kernels, so float results, follow it
         "lightning": L.__version__,
     }
 
@@ -723,6 +725,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ladder-search", action="store_true",
                         help="lightning_synth's analyzer scores every planned cell on every probe sample (its probing "
                              "before the ladder search: reproduces the rows measured before it)")
+    parser.add_argument("--bisection-search", action="store_true",
+                        help="lightning_synth's ladder search bisects each ladder, unguided by the last counts and "
+                             "exact cells (the search before session 10: reproduces the rows measured with it)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument(
         "--plugins",

@@ -147,6 +147,7 @@ def lightning_synth_method(
             analyzers[ctx.seed] = FailureModeCallback(bank_names(ctx), max_samples=256, seed=ctx.seed,
                                                       max_groups=groups,
                                                       ladder_search=bool(ctx.extras.get("ladder_search", True)))
+            analyzers[ctx.seed].prober.guided_search = bool(ctx.extras.get("guided_search", True))
         return analyzers[ctx.seed]
 
     def make_module(ctx: MethodContext) -> Classifier:

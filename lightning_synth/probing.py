@@ -48,10 +48,13 @@ class PerturbationProber:
             lead the ranking of weaknesses, and a kept measurement of them goes stale as the model trains).
         quick_reads: read the first analysis and perturbations whose frontier moved quickly (every settled
             cell stops at the first stage; see :meth:`stop_mask`): cheaper, rougher rankings.
-        ladder_search: find each clean-right sample's breaking level by bisection along the ladder
-            (:func:`~lightning_synth.ladder.ladder_hits`) instead of scoring it at every planned level.
+        ladder_search: find each clean-right sample's breaking level by a search along the ladder
+            (:func:`~lightning_synth.ladder.ladder_hits`, ordered by :meth:`survival`) instead of scoring it at
+            every planned level.
         exact_band: with ``ladder_search``, cells whose last gap lies this close to ``frontier_threshold``
             are scored on every sample (:meth:`exact_cells`).
+        guided_search: with ``ladder_search``, order each search by :meth:`survival` and bound it by the exact
+            cells' hits; ``False``: plain bisection over the other levels (the search before this option).
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -83,6 +86,7 @@ class PerturbationProber:
         quick_reads: bool = False,
         ladder_search: bool = True,
         exact_band: float = 0.05,
+        guided_search: bool = True,
     ) -> None:
         self.bank, self.severities = bank, tuple(severities)
         self.max_samples, self.frontier_threshold = max_samples, frontier_threshold
@@ -90,7 +94,7 @@ class PerturbationProber:
         self.probe_batch_size, self.seed = probe_batch_size, seed
         self.stage_fractions, self.param_cache_bytes = tuple(stages), param_cache_bytes
         self.refresh_top, self.quick_reads = refresh_top, quick_reads
-        self.ladder_search, self.exact_band = ladder_search, exact_band
+        self.ladder_search, self.exact_band, self.guided_search = ladder_search, exact_band, guided_search
         self._param_cache: dict[tuple[Any, ...], Params] = {}
         self._param_cache_size = 0
         # Decision state (identical on every rank: derived from counts summed over ranks)
@@ -211,7 +215,8 @@ class PerturbationProber:
         if not len(clean) or not bool(self.plan.any()):
             return 0
         exact = self.exact_cells() if self.ladder_search else torch.ones_like(self.plan)
-        cells, scored = ladder_hits(self.plan, exact, clean, self._scorer(inputs, targets, keep, score, value_range))
+        cells, scored = ladder_hits(self.plan, exact, clean, self._scorer(inputs, targets, keep, score, value_range),
+                                    self.survival() if self.guided_search else None, self.guided_search)
         for (p, s), row in cells.items():
             self.metric.update(p, s + 1, row.to(clean.device), clean)
         return scored
@@ -224,6 +229,16 @@ class PerturbationProber:
             return torch.zeros(len(self.bank), len(self.severities), dtype=torch.bool)
         gap = paired_gap_interval(self._reference[:, :, 1:])[0]
         return (gap - self.frontier_threshold).abs() <= self.exact_band
+
+    def survival(self) -> Tensor | None:
+        """``(P, S)`` share of clean-right probe samples still right at each cell, in the last counts summed over
+        ranks (see :meth:`exact_cells`; NaN where a cell has none): the ladder search's odds. ``None`` before
+        the first counts."""
+        if self._reference is None:
+            return None
+        correct, _, clean, discordant = self._reference[:, :, 1:].double()
+        both = (correct + clean - discordant) / 2  # right clean and perturbed: discordant = right->wrong + wrong->right
+        return torch.where(clean > 0, both / clean.clamp(min=1), torch.nan)
 
     def _scorer(self, inputs: Tensor, targets: Tensor, keep: Tensor, score: ScoreFn, value_range: RangeFn
                 ) -> Callable[[list[Request]], list[Tensor]]:

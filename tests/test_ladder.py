@@ -1,6 +1,6 @@
 import torch
 
-from lightning_synth.ladder import ladder_hits
+from lightning_synth.ladder import ladder_hits, search_splits
 
 
 def _scorer(truth, log):
@@ -69,3 +69,38 @@ def test_only_the_planned_levels_are_searched():
     for p, s in hits:  # monotone over the whole ladder, so over the window too
         assert torch.equal(hits[(p, s)], truth[p, s])
     assert ladder_hits(plan, plan, torch.zeros(0, dtype=torch.bool), score)[1] == 0  # no samples, no forwards
+
+
+def test_a_search_guided_by_the_last_counts_reads_monotone_ladders_exactly_from_fewer_forwards():
+    g = torch.Generator().manual_seed(3)
+    P, S, N = 2, 5, 300
+    clean = torch.ones(N, dtype=torch.bool)
+    breaks = torch.where(torch.rand(P, 1, N, generator=g) < 0.8, S, torch.randint(0, S, (P, 1, N), generator=g))
+    truth = torch.arange(S).view(1, S, 1) < breaks  # most samples never break: the top level first saves forwards
+    plan = torch.ones(P, S, dtype=torch.bool)
+    survival = truth.double().mean(-1)
+    guided, guided_scored = ladder_hits(plan, torch.zeros_like(plan), clean, _scorer(truth, []), survival)
+    _, bisection_scored = ladder_hits(plan, torch.zeros_like(plan), clean, _scorer(truth, []))
+    assert all(torch.equal(guided[(p, s)], truth[p, s]) for p, s in guided)
+    assert guided_scored < 0.75 * bisection_scored
+    splits = search_splits([5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])  # every breaking level alike: bisection
+    assert all(int(splits[lo, hi]) == (lo + hi) // 2 for lo in range(S + 1) for hi in range(lo + 1, S + 1))
+
+
+def test_an_exact_level_bounds_the_search_of_the_levels_around_it():
+    g = torch.Generator().manual_seed(4)
+    P, S, N = 1, 5, 120
+    clean = torch.rand(N, generator=g) < 0.8
+    truth = _monotone_truth(P, S, N, clean, g)
+    plan, exact = torch.ones(P, S, dtype=torch.bool), torch.zeros(P, S, dtype=torch.bool)
+    exact[0, 2] = True
+    per_sample = torch.zeros(N, dtype=torch.long)
+
+    def score(requests):
+        for _, s, idx in requests:
+            per_sample[idx] += int(s != 2)
+        return [truth[p, s, idx] for p, s, idx in requests]
+
+    hits, _ = ladder_hits(plan, exact, clean, score)
+    assert all(torch.equal(hits[(0, s)], truth[0, s]) for s in range(S))
+    assert int(per_sample[clean].max()) <= 2  # two levels left on either side of the exact one

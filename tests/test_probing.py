@@ -142,3 +142,17 @@ def test_a_ladder_pass_counts_every_sample_in_every_cell_from_fewer_forwards_and
     assert torch.equal(counts[1], sweep[1]) and torch.equal(counts[2], sweep[2])  # every sample in every cell
     ranks = [_pass(_prober(**kwargs), net, images[r::2], labels[r::2], world=2, rank=r) for r in (0, 1)]
     assert sum(s for s, _ in ranks) == scored and torch.equal(ranks[0][1] + ranks[1][1], counts)
+
+
+def test_the_ladder_search_reads_its_odds_off_the_last_counts_summed_over_ranks():
+    prober = _prober()
+    prober.start_pass(None, world=1, rank=0, device=torch.device("cpu"))
+    assert prober.survival() is None  # no counts yet: plain bisection
+    memory = torch.zeros(4, 2, 6, dtype=torch.float64)
+    memory[:, 0, 0] = torch.tensor([90.0, 100.0, 90.0, 0.0])  # clean column
+    memory[:, 0, 3] = torch.tensor([80.0, 100.0, 90.0, 14.0])  # 12 right->wrong, 2 wrong->right: 78 of 90 stay right
+    prober.load_state_dict({"memory": memory.tolist()})
+    prober.start_pass(None, world=1, rank=0, device=torch.device("cpu"))
+    survival = prober.survival()
+    assert survival is not None and abs(float(survival[0, 2]) - 78 / 90) < 1e-9
+    assert bool(survival[1].isnan().all())  # never measured: bisection for that ladder

@@ -68,8 +68,8 @@ class FailureModeCallback(Callback):
       in forwards of ``probe_batch_size``; per-sample parameters come from counter-based hashing of (seed,
       sample index), drawn in one vectorised call.
     - **Ladder search.** A sample keeps its parameters along a ladder, so one the model gets right is scored
-      at the levels a bisection for its breaking level needs, its other levels read off that level
-      (:mod:`lightning_synth.ladder`); samples it gets wrong and cells near the threshold: every level.
+      at the levels a search for its breaking level needs (ordered by the last counts), its other levels read
+      off that level (:mod:`lightning_synth.ladder`); samples it gets wrong and cells near the threshold: all.
 
     Inputs that are not images ``(B, C, H, W)`` (tabular rows, token ids) are analysed by class, confusion
     and slice; perturbation probes are skipped with one warning. Images outside ``[0, 1]`` (uint8,
@@ -102,7 +102,7 @@ class FailureModeCallback(Callback):
         value_range: the range and dtype of the inputs (default: detected from the first validation batch).
         quick_reads: on the first analysis and for moved frontiers, stop every settled cell at a quarter of
             the budget: cheaper, but a noisier ranking of weaknesses (``benchmarks/analyzer_replay.py``).
-        ladder_search: bisect each ladder for the samples the model gets right (see above).
+        ladder_search: search each ladder for the samples the model gets right (see above).
 
     Raises:
         ValueError: if a number is out of range, a severity is not in ``1..5``, a perturbation is unknown or
