@@ -302,8 +302,10 @@ def train_and_score(
     return runs, lofo
 
 
-def merge_parts(paths: Sequence[Path], names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The per-seed runs and leave-one-family-out scores of several results files, as one run."""
+def merge_parts(paths: Sequence[Path], names: Sequence[str], lofo_seeds: Sequence[int] | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The per-seed runs and leave-one-family-out scores of several results files, as one run (the latter on
+    ``lofo_seeds`` only, when given: a part run with the leave-one-family-out default on a later seed adds none)."""
     runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
     lofo: dict[str, dict[str, dict[int, float]]] = {}
     for path in paths:
@@ -316,7 +318,8 @@ def merge_parts(paths: Sequence[Path], names: Sequence[str]) -> tuple[dict[str, 
                 if name not in runs:  # a method this merge does not list (its main runs are left out too)
                     continue
                 lofo.setdefault(family, {}).setdefault(name, {}).update(
-                    {int(seed): value for seed, value in stats["per_seed"].items()})
+                    {int(seed): value for seed, value in stats["per_seed"].items()
+                     if lofo_seeds is None or int(seed) in lofo_seeds})
     missing = [name for name, per_seed in runs.items() if not per_seed]
     if missing:
         raise ValueError(f"`--merge`: no runs of {missing} in {[str(p) for p in paths]}")
@@ -353,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     lofo: dict[str, dict[str, dict[int, float]]] = {}
     if args.merge:
-        runs, lofo = merge_parts(args.merge, [m.name for m in methods])
+        runs, lofo = merge_parts(args.merge, [m.name for m in methods], args.seeds[: args.lofo_seeds])
     else:
         runs, lofo = train_and_score(args, methods, train_size, splits, score)
     summary = {name: summarize_method(per_seed) for name, per_seed in runs.items()}
