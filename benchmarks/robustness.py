@@ -250,7 +250,16 @@ def plot(path: Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 def uses_bank(name: str) -> bool:
-    return name in LOFO_METHODS or name in ("uniform_share", "targeted_augmix") or name.startswith(("ls", "lightning"))
+    """Whether a method trains on the perturbation bank (every ``uniform*``, ``ls*`` and ``lightning*`` variant,
+    AugMix): in the leave-one-family-out report it is either retrained without the family or left out, never
+    scored with its main model (trained on the family)."""
+    return name in LOFO_METHODS or name.startswith(("uniform", "targeted_augmix", "ls", "lightning"))
+
+
+def lofo_retrained(name: str, reference: str) -> bool:
+    """Whether the leave-one-family-out report retrains ``name`` without the family (the bank baselines and the
+    reference); other bank methods have no entry there."""
+    return name in (*LOFO_METHODS, reference)
 
 
 def fmt_diff(stats: Mapping[str, Any]) -> str:
@@ -288,7 +297,7 @@ def train_and_score(
                         s: family_score(r["test"], analogues) for s, r in runs[method.name].items()
                         if s in args.seeds[: args.lofo_seeds]}
                     continue
-                if method.name not in (*LOFO_METHODS, args.reference):
+                if not lofo_retrained(method.name, args.reference):
                     continue
                 lofo[family][method.name] = {}
                 for seed in args.seeds[: args.lofo_seeds]:
@@ -302,10 +311,12 @@ def train_and_score(
     return runs, lofo
 
 
-def merge_parts(paths: Sequence[Path], names: Sequence[str], lofo_seeds: Sequence[int] | None = None
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+def merge_parts(paths: Sequence[Path], names: Sequence[str], lofo_seeds: Sequence[int] | None = None,
+                reference: str = "lightning_synth") -> tuple[dict[str, Any], dict[str, Any]]:
     """The per-seed runs and leave-one-family-out scores of several results files, as one run (the latter on
-    ``lofo_seeds`` only, when given: a part run with the leave-one-family-out default on a later seed adds none)."""
+    ``lofo_seeds`` only, when given: a part run with the leave-one-family-out default on a later seed adds none;
+    a bank method that is not retrained there, scored with its main model by parts before ``uses_bank`` knew
+    it, is dropped)."""
     runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
     lofo: dict[str, dict[str, dict[int, float]]] = {}
     for path in paths:
@@ -316,6 +327,8 @@ def merge_parts(paths: Sequence[Path], names: Sequence[str], lofo_seeds: Sequenc
         for family, per_method in part.get("lofo", {}).items():
             for name, stats in per_method.items():
                 if name not in runs:  # a method this merge does not list (its main runs are left out too)
+                    continue
+                if uses_bank(name) and not lofo_retrained(name, reference):
                     continue
                 lofo.setdefault(family, {}).setdefault(name, {}).update(
                     {int(seed): value for seed, value in stats["per_seed"].items()
@@ -356,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     lofo: dict[str, dict[str, dict[int, float]]] = {}
     if args.merge:
-        runs, lofo = merge_parts(args.merge, [m.name for m in methods], args.seeds[: args.lofo_seeds])
+        runs, lofo = merge_parts(args.merge, [m.name for m in methods], args.seeds[: args.lofo_seeds], args.reference)
     else:
         runs, lofo = train_and_score(args, methods, train_size, splits, score)
     summary = {name: summarize_method(per_seed) for name, per_seed in runs.items()}

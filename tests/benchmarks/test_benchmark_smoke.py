@@ -342,3 +342,17 @@ def test_merge_keeps_only_the_listed_methods_also_in_leave_one_family_out(tmp_pa
     path.write_text(json.dumps(part))
     runs, lofo = robustness.merge_parts([path], ["augmix"])
     assert runs == {"augmix": {0: {"clean": 0.81}}} and lofo == {"blur": {"augmix": {0: 0.75}}}
+
+
+def test_leave_one_family_out_never_scores_a_bank_method_with_its_main_model(tmp_path):
+    # uniform_share_sampler trains on the whole bank: its main model has seen the left-out family, so a part
+    # that scored it there (before `uses_bank` knew the name) is dropped; ERM keeps its main-model score
+    assert robustness.uses_bank("uniform_share_sampler") and robustness.uses_bank("uniform_share_source")
+    assert not robustness.uses_bank("erm") and not robustness.uses_bank("trivialaugment")
+    part = {"runs": {n: {"0": {"clean": 0.8}} for n in ("erm", "uniform_share_sampler", "lightning_synth")},
+            "lofo": {"blur": {n: {"per_seed": {"0": 0.7}}
+                              for n in ("erm", "uniform_share_sampler", "lightning_synth")}}}
+    path = tmp_path / "part.json"
+    path.write_text(json.dumps(part))
+    _, lofo = robustness.merge_parts([path], ["erm", "uniform_share_sampler", "lightning_synth"])
+    assert lofo == {"blur": {"erm": {0: 0.7}, "lightning_synth": {0: 0.7}}}
