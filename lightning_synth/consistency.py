@@ -164,6 +164,11 @@ class MixingChains(Callback):
         self.q = q / q.sum()
         self.last_epoch = profile.epoch
 
+    def severities(self, ops: Tensor) -> Tensor:
+        """The severity of each drawn operation (``ops``: bank indices, one per sample): uniform in
+        ``[0.5, max_severity]``, from torch's global RNG (a subclass may draw them otherwise)."""
+        return 0.5 + torch.rand(len(ops), device=ops.device) * (self.max_severity - 0.5)
+
     def chain(self, images: Tensor) -> Tensor:
         """One chain per sample: 1..``max_depth`` operations of the bank, each drawn per sample."""
         b = len(images)
@@ -173,7 +178,7 @@ class MixingChains(Callback):
         for step in range(self.max_depth):
             active = depth > step
             ops = torch.multinomial(probs, b, replacement=True)
-            levels = 0.5 + torch.rand(b, device=images.device) * (self.max_severity - 0.5)
+            levels = self.severities(ops)
             nxt = out.clone()
             for index, name in enumerate(self.bank.names):
                 rows = ((ops == index) & active).nonzero().squeeze(1)

@@ -39,6 +39,21 @@ def test_views_have_the_shape_range_and_differ_from_the_input():
         assert not torch.equal(view, images)
 
 
+def test_severities_are_uniform_in_range_and_drive_the_chains():
+    chains = MixingChains(["contrast"], max_severity=4.0)
+    levels = chains.severities(torch.zeros(4000, dtype=torch.long))
+    assert float(levels.min()) >= 0.5 and float(levels.max()) <= 4.0 and abs(float(levels.mean()) - 2.25) < 0.1
+
+    class Mild(MixingChains):  # a subclass draws its own severities: every chain op at the lowest level
+        def severities(self, ops):
+            return torch.full((len(ops),), 0.5)
+
+    x = torch.rand(64, 1, 8, 8)
+    mild, strong = Mild(["contrast"], max_depth=1), MixingChains(["contrast"], max_depth=1, max_severity=5.0)
+    strong.severities = lambda ops: torch.full((len(ops),), 5.0)  # type: ignore[method-assign]
+    assert (mild.chain(x) - x).abs().mean() < (strong.chain(x) - x).abs().mean()
+
+
 def test_group_dro_update_tilts_to_weak_perturbations_with_a_floor():
     chains = MixingChains(["rotation", "gaussian_noise", "contrast"], floor=0.5, step=2.0)
     assert torch.allclose(chains.probabilities(), torch.full((3,), 1 / 3))
