@@ -10,14 +10,13 @@ uniform severities. Everything else is the ``lightning_synth`` row. Not adopted:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor
 
-import benchmarks.methods as methods
-from benchmarks.common import Method, MethodContext, register_method
+from benchmarks.common import Method, register_method
+from benchmarks.methods import lightning_synth_method
 from lightning_synth.consistency import MixingChains
 from lightning_synth.profile import WeaknessProfile
 
@@ -46,19 +45,10 @@ class FrontierChains(MixingChains):
 
 def variant(name: str, band_share: float) -> Method:
     """The ``lightning_synth`` row with :class:`FrontierChains` at ``band_share``."""
-    base = methods.lightning_synth_method(name, gan=False, consistency=True, description=f"{name}: frontier band")
     chains: type[MixingChains] = type(f"FrontierChains{int(100 * band_share)}", (FrontierChains,),
                                       {"band_share": band_share})
-
-    def make_module(ctx: MethodContext) -> Any:
-        saved = methods.MixingChains  # the row builds its chains from this name
-        vars(methods)["MixingChains"] = chains
-        try:
-            return base.make_module(ctx)
-        finally:
-            vars(methods)["MixingChains"] = saved
-
-    return dataclasses.replace(base, make_module=make_module)
+    return lightning_synth_method(name, gan=False, consistency=True, chains_class=chains,
+                                  description=f"{name}: frontier band")
 
 
 register_method(variant("ls_front50", 0.5), overwrite=True)

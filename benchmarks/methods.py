@@ -98,6 +98,7 @@ def lightning_synth_method(
     targeted: bool = True, consistency: bool = False, budget_fraction: float = 1 / 3, weight: float = 0.75,
     class_bias: float | None = None, floor: float | None = None, uniform_floor: float | None = None,
     reducible: bool = False, untargeted_sampler: bool = False, source: bool = False,
+    chains_class: type[MixingChains] = MixingChains,
 ) -> Method:
     """A lightning_synth variant; every argument left at its default keeps the library's default.
 
@@ -120,6 +121,8 @@ def lightning_synth_method(
             ``consistency``, one mixing-chain view of each source joins the Jensen-Shannon term (3 passes).
         reducible: with ``adaptive``, the sampler weighs reducible loss
             (``AdaptiveSampling(irreducible=IrreducibleLoss(...))``, trained on the validation split).
+        chains_class: with ``consistency``, the :class:`~lightning_synth.consistency.MixingChains` (sub)class
+            that makes the views (an exploration plugin's variant).
     """
 
     def wrap(datamodule: L.LightningDataModule, ctx: MethodContext) -> L.LightningDataModule:
@@ -159,7 +162,7 @@ def lightning_synth_method(
             options["floor"] = floor
         if source:  # one chain view of each source joins the source and the sample: 3 passes, as the chains alone
             options["num_views"] = 1
-        chains[ctx.seed] = MixingChains(bank_names(ctx), **options)
+        chains[ctx.seed] = chains_class(bank_names(ctx), **options)
         return ctx.classifier(consistency=chains[ctx.seed], source_consistency=source)
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
