@@ -31,3 +31,5 @@ if __name__ == "__main__":
         trainer.validate(model, datamodule=DigitsDataModule(batch_size=50, val_size=val_size))
     (out_dir / f"profile_rank{trainer.global_rank}.json").write_text(callback.profile.to_json())
     (out_dir / f"prober_rank{trainer.global_rank}.json").write_text(json.dumps(callback.prober.state_dict()))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # gloo's threads otherwise can abort the interpreter's exit

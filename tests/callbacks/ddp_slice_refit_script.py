@@ -33,3 +33,5 @@ if __name__ == "__main__":
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True))
     torch.save({"head": model.net[-1].weight.detach().clone(), "body": model.net[1].weight.detach().clone()},
                out / f"rank{trainer.global_rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # gloo's threads otherwise can abort the interpreter's exit

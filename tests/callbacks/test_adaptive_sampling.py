@@ -287,6 +287,7 @@ if __name__ == "__main__":
                         callbacks=[sampling, Dump(sampling)], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=sys.argv[1])
     trainer.fit(Classifier(), datamodule=DigitsDataModule(batch_size=32))
+    torch.distributed.destroy_process_group()  # gloo's threads otherwise can abort the interpreter's exit
 """
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import lightning as L
+import torch
 
 from lightning_synth import FailureModeCallback, SyntheticDataModule, TargetedAugmentation
 from lightning_synth.datasets import DigitsDataModule
@@ -54,3 +55,5 @@ if __name__ == "__main__":
     result = {"budgets": generator.budgets, "answers": client.answers, "settings_budget":
               dm.controller.settings.synthetic_budget, "pool": len(dm.pool)}
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # gloo's threads otherwise can abort the interpreter's exit

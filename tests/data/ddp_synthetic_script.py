@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from lightning_synth import FailureModeCallback, SyntheticDataModule, TargetedAugmentation
 from lightning_synth.datasets import DigitsDataModule
@@ -44,3 +45,5 @@ if __name__ == "__main__":
         "local_budgets": generator.budgets,
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # gloo's threads otherwise can abort the interpreter's exit
