@@ -173,12 +173,15 @@ def summarize_method(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def per_seed_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers compared per seed: clean, and mean / worst corrupted on each scored split."""
+    """The numbers compared per seed: clean, mean / worst corrupted on each scored split, and each corruption's
+    accuracy over its severities (``"{split}/{corruption}"``, :func:`family_score` of the one corruption)."""
     out = {"clean": float(result["clean"])}
     for split in ("val", "test"):
         if split in result:
             out[f"{split}_mean"] = float(result[split]["mean_corrupted"])
             out[f"{split}_worst"] = float(result[split]["worst_corruption"]["acc"])
+            for name in result[split].get("per_corruption", {}):
+                out[f"{split}/{name}"] = family_score(result[split], [name])
     return out
 
 
@@ -399,6 +402,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"\npaired difference {args.reference} - method, points, mean [95% t-interval over seeds]")
         print(format_table(["method", *keys], [[n, *(fmt_diff(d[k]) if k in d else "-" for k in keys)]
                                                for n, d in differences.items()]))
+        for split in splits:
+            names = [k for k in next(iter(differences.values()), {}) if k.startswith(f"{split}/")]
+            if names:
+                print(f"\nper corruption ({split}, mean over severities): {args.reference} - method, points")
+                print(format_table(["method", *(k.split("/", 1)[1] for k in names)],
+                                   [[n, *(fmt_diff(d[k]) if k in d else "-" for k in names)]
+                                    for n, d in differences.items()]))
     if lofo:
         families = list(lofo)
         print("\nleave-one-family-out: accuracy % on the family's test analogues, bank trained without the family")

@@ -36,7 +36,8 @@ def test_paired_difference_and_t_interval():
 def test_per_seed_metrics_and_family_score():
     result = {"clean": 0.9, "test": {"mean_corrupted": 0.6, "worst_corruption": {"name": "fog", "acc": 0.3},
                                      "per_corruption": {"fog": [0.2, 0.4], "jpeg": [0.8, 1.0]}}}
-    assert per_seed_metrics(result) == {"clean": 0.9, "test_mean": 0.6, "test_worst": 0.3}
+    assert per_seed_metrics(result) == pytest.approx({"clean": 0.9, "test_mean": 0.6, "test_worst": 0.3,
+                                                      "test/fog": 0.3, "test/jpeg": 0.9})
     assert family_score(result["test"], ["fog", "jpeg"]) == pytest.approx(0.6)
 
 
