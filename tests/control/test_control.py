@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import atexit
 import doctest
 import json
 import math
@@ -308,6 +309,10 @@ class _RankProbe(L.Callback):
 
     def __init__(self, controller: SynthesisController, out: str) -> None:
         self.controller, self.out = controller, out
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # In each spawned rank: destroy the gloo group before the interpreter's teardown, which it can abort.
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 0:
