@@ -1,10 +1,11 @@
-"""Exploration plugin (issue 10, session 12): the synthetic share dropped or halved for the last epoch.
+"""Exploration plugin (issue 10, session 12): a smaller synthetic share, for the last epoch or throughout.
 
 The defaults' synthetic samples (bank perturbations with cross-entropy on their labels) buy impulse-noise
 robustness and cost clean accuracy (lightning_synth vs AugMix, 20 seeds: +3.5 impulse noise, -0.3 to -1.0 on
 every other corruption, -0.5 clean). These variants pin ``synthetic_weight`` through the run's controller for
 the final epoch, so the last epoch is real data with the mixing-chain consistency (as AugMix) after the
-synthetic epochs.
+synthetic epochs. ``ls_weight_040`` and ``ls_weight_020`` start the synthetic weight at 0.4 and 0.2 instead
+of 0.75 (it then follows the weighting's feedback as usual).
 """
 
 from __future__ import annotations
@@ -49,3 +50,7 @@ def variant(name: str, weight: float) -> Method:
 
 register_method(variant("ls_real_last", 0.0), overwrite=True)
 register_method(variant("ls_half_last", 0.375), overwrite=True)
+register_method(lightning_synth_method("ls_weight_040", gan=False, consistency=True, weight=0.4,
+                                      description="ls_weight_040: initial synthetic weight 0.4"), overwrite=True)
+register_method(lightning_synth_method("ls_weight_020", gan=False, consistency=True, weight=0.2,
+                                      description="ls_weight_020: initial synthetic weight 0.2"), overwrite=True)
