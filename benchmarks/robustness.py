@@ -11,7 +11,8 @@ Protocol:
   configurations; ``--splits val`` scores only them, so the test set stays unseen while exploring;
 - **held-out test corruptions** (``--corruptions``, on the test split) are disjoint from the validation ones
   (one fixed uint8 copy per run, like ImageNet-C, identical for every method and seed);
-- **leave-one-family-out** (``--lofo``): the bank methods (``uniform``, ``augmix`` and the reference) are trained
+- **leave-one-family-out** (``--lofo``): the bank methods (``--lofo-methods``, by default ``uniform`` and
+  ``augmix``, and the reference) are trained
   again with a family of perturbations removed from the bank and scored on that family's closest test
   corruptions (:data:`benchmarks.corruptions.LOFO_FAMILIES`); methods that never use the bank keep their models;
 - **paired differences**: per seed, ``reference - method`` for clean, mean and worst corrupted accuracy (and
@@ -89,6 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="train nothing: combine the runs of these results files (the same command split by "
                              "--seeds over processes) and report them as one run")
     parser.add_argument("--lofo-seeds", type=int, default=3, help="leave-one-family-out runs use the first N seeds")
+    parser.add_argument("--lofo-methods", nargs="+", default=list(LOFO_METHODS), metavar="METHOD",
+                        help="bank methods retrained leave-one-family-out besides the reference (e.g. add "
+                             "uniform_share_sampler, the loop without targeting)")
     parser.add_argument("--reference", default="lightning_synth",
                         help="method whose paired differences to every other method are reported")
     parser.add_argument("--corruption-seed", type=int, default=0, help="seed of the corrupted test sets")
@@ -259,10 +263,10 @@ def uses_bank(name: str) -> bool:
     return name in LOFO_METHODS or name.startswith(("uniform", "targeted_augmix", "ls", "lightning"))
 
 
-def lofo_retrained(name: str, reference: str) -> bool:
-    """Whether the leave-one-family-out report retrains ``name`` without the family (the bank baselines and the
-    reference); other bank methods have no entry there."""
-    return name in (*LOFO_METHODS, reference)
+def lofo_retrained(name: str, reference: str, baselines: Sequence[str] = LOFO_METHODS) -> bool:
+    """Whether the leave-one-family-out report retrains ``name`` without the family (the bank ``baselines`` and
+    the reference); other bank methods have no entry there."""
+    return name in (*baselines, reference)
 
 
 def fmt_diff(stats: Mapping[str, Any]) -> str:
@@ -300,7 +304,7 @@ def train_and_score(
                         s: family_score(r["test"], analogues) for s, r in runs[method.name].items()
                         if s in args.seeds[: args.lofo_seeds]}
                     continue
-                if not lofo_retrained(method.name, args.reference):
+                if not lofo_retrained(method.name, args.reference, args.lofo_methods):
                     continue
                 lofo[family][method.name] = {}
                 for seed in args.seeds[: args.lofo_seeds]:
@@ -315,15 +319,20 @@ def train_and_score(
 
 
 def merge_parts(paths: Sequence[Path], names: Sequence[str], lofo_seeds: Sequence[int] | None = None,
-                reference: str = "lightning_synth") -> tuple[dict[str, Any], dict[str, Any]]:
+                reference: str = "lightning_synth", baselines: Sequence[str] = LOFO_METHODS,
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The per-seed runs and leave-one-family-out scores of several results files, as one run (the latter on
-    ``lofo_seeds`` only, when given: a part run with the leave-one-family-out default on a later seed adds none;
-    a bank method that is not retrained there, scored with its main model by parts before ``uses_bank`` knew
-    it, is dropped)."""
+    ``lofo_seeds`` only, when given: a part run with the leave-one-family-out default on a later seed adds none).
+    A bank method's leave-one-family-out entry is kept only if both this merge and the part retrain it (the
+    part's ``--lofo-methods`` and reference, read from its config; parts from before that option retrained
+    ``uniform``, ``augmix`` and the reference): entries that older parts scored with a main model, which was
+    trained on the family, are dropped."""
     runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
     lofo: dict[str, dict[str, dict[int, float]]] = {}
     for path in paths:
         part = json.loads(Path(path).read_text())
+        config = part.get("config", {})
+        part_retrained = (*config.get("lofo_methods", LOFO_METHODS), config.get("reference", reference))
         for name, per_seed in part["runs"].items():
             if name in runs:
                 runs[name].update({int(seed): result for seed, result in per_seed.items()})
@@ -331,7 +340,7 @@ def merge_parts(paths: Sequence[Path], names: Sequence[str], lofo_seeds: Sequenc
             for name, stats in per_method.items():
                 if name not in runs:  # a method this merge does not list (its main runs are left out too)
                     continue
-                if uses_bank(name) and not lofo_retrained(name, reference):
+                if uses_bank(name) and not (lofo_retrained(name, reference, baselines) and name in part_retrained):
                     continue
                 lofo.setdefault(family, {}).setdefault(name, {}).update(
                     {int(seed): value for seed, value in stats["per_seed"].items()
@@ -372,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     lofo: dict[str, dict[str, dict[int, float]]] = {}
     if args.merge:
-        runs, lofo = merge_parts(args.merge, [m.name for m in methods], args.seeds[: args.lofo_seeds], args.reference)
+        runs, lofo = merge_parts(args.merge, [m.name for m in methods], args.seeds[: args.lofo_seeds],
+                                 args.reference, args.lofo_methods)
     else:
         runs, lofo = train_and_score(args, methods, train_size, splits, score)
     summary = {name: summarize_method(per_seed) for name, per_seed in runs.items()}

@@ -313,7 +313,8 @@ def test_exploration_plugins_do_what_they_say(tmp_path):
     """ls_real_last draws no synthetic sample in its last epoch; ls_real_views sees real and synthetic rows."""
     payload = robustness.main([*TINY, "--epochs", "2", "--test-size", "100", "--splits", "val", "--plugins",
                                "benchmarks.methods", "benchmarks.explore_schedule", "benchmarks.explore_views",
-                               "--methods", "ls_real_last", "ls_real_views", "ls_synth_views", "--results-dir", str(tmp_path)])
+                               "--methods", "ls_real_last", "ls_real_views", "ls_synth_views",
+                               "--results-dir", str(tmp_path)])
     masses = payload["runs"]["ls_real_last"][0]["info"]["synthetic_mass_by_epoch"]
     assert len(masses) == 2 and masses[0] > 0 and masses[1] == 0
     assert 0 < payload["runs"]["ls_real_views"][0]["info"]["real_share"] < 1
@@ -368,3 +369,13 @@ def test_leave_one_family_out_never_scores_a_bank_method_with_its_main_model(tmp
     path.write_text(json.dumps(part))
     _, lofo = robustness.merge_parts([path], ["erm", "uniform_share_sampler", "lightning_synth"])
     assert lofo == {"blur": {"erm": {0: 0.7}, "lightning_synth": {0: 0.7}}}
+    # asking the merge to keep it does not bring back what that part scored with the main model ...
+    names = ["erm", "uniform_share_sampler", "lightning_synth"]
+    _, lofo = robustness.merge_parts([path], names, baselines=["uniform_share_sampler"])
+    assert lofo == {"blur": {"erm": {0: 0.7}, "lightning_synth": {0: 0.7}}}
+    # ... while a part run with `--lofo-methods uniform_share_sampler` (retrained without the family) is kept
+    part["config"] = {"lofo_methods": ["uniform_share_sampler"], "reference": "lightning_synth"}
+    path.write_text(json.dumps(part))
+    _, lofo = robustness.merge_parts([path], names, baselines=["uniform_share_sampler"])
+    assert lofo == {"blur": {n: {0: 0.7} for n in names}}
+    assert robustness.merge_parts([path], names)[1] == {"blur": {"erm": {0: 0.7}, "lightning_synth": {0: 0.7}}}
