@@ -423,11 +423,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         families = list(lofo)
         print("\nleave-one-family-out: accuracy % on the family's test analogues, bank trained without the family")
         lrows = []
-        for name in lofo[families[0]]:
+        for name in [n for n in runs if any(n in lofo[f] for f in families)]:  # each family may list others
             row = [name]
             for family in families:
-                values = list(lofo[family][name].values())
-                row.append(pm(summarize(values)))
+                values = list(lofo[family].get(name, {}).values())
+                row.append(pm(summarize(values)) if values else "-")
                 diff = differences.get(name, {}).get("lofo", {}).get(family)
                 row.append(fmt_diff(diff) if diff else "-")
             lrows.append(row)
