@@ -67,10 +67,10 @@ def variant(name: str, views_of: str) -> Method:
                                   description=f"{name}: views of {views_of} samples only")
     make_module, wrap, make_callbacks = base.make_module, base.wrap_datamodule, base.make_callbacks
     modules: dict[int, RealViewsClassifier] = {}
+    cls = type(f"{views_of.title()}ViewsClassifier", (RealViewsClassifier,), {"views_of": views_of})
 
     def module(ctx: MethodContext) -> Classifier:
         made = make_module(ctx)
-        cls = type(f"{views_of.title()}ViewsClassifier", (RealViewsClassifier,), {"views_of": views_of})
         out = cls(ctx.in_channels, ctx.num_classes, width=ctx.width, lr=ctx.lr, consistency=made.consistency,
                   consistency_weight=made.consistency_weight)
         out.net.load_state_dict(made.net.state_dict())  # the same initial weights as the row's

@@ -102,6 +102,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag, value in (("--threads", args.threads), ("--lofo-seeds", args.lofo_seeds)):
         if value < 1:
             raise ValueError(f"`{flag}` must be >= 1, got {value}")
+    not_bank = [m for m in args.lofo_methods if not uses_bank(m)]
+    if not_bank:
+        raise ValueError(f"`--lofo-methods` must name methods that train on the bank (uniform*, augmix, ls*, "
+                         f"lightning*), got {not_bank}")
     overlap = set(args.corruptions) & set(args.val_corruptions)
     if overlap and {"val", "test"} <= set(args.splits):
         raise ValueError(f"`--val-corruptions` must be disjoint from `--corruptions`, both have {sorted(overlap)}")
@@ -332,7 +336,7 @@ def merge_parts(paths: Sequence[Path], names: Sequence[str], lofo_seeds: Sequenc
     for path in paths:
         part = json.loads(Path(path).read_text())
         config = part.get("config", {})
-        part_retrained = (*config.get("lofo_methods", LOFO_METHODS), config.get("reference", reference))
+        part_reference, part_baselines = config.get("reference", reference), config.get("lofo_methods", LOFO_METHODS)
         for name, per_seed in part["runs"].items():
             if name in runs:
                 runs[name].update({int(seed): result for seed, result in per_seed.items()})
@@ -340,7 +344,8 @@ def merge_parts(paths: Sequence[Path], names: Sequence[str], lofo_seeds: Sequenc
             for name, stats in per_method.items():
                 if name not in runs:  # a method this merge does not list (its main runs are left out too)
                     continue
-                if uses_bank(name) and not (lofo_retrained(name, reference, baselines) and name in part_retrained):
+                if uses_bank(name) and not (lofo_retrained(name, reference, baselines)
+                                            and lofo_retrained(name, part_reference, part_baselines)):
                     continue
                 lofo.setdefault(family, {}).setdefault(name, {}).update(
                     {int(seed): value for seed, value in stats["per_seed"].items()

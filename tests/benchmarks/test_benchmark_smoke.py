@@ -112,6 +112,8 @@ def test_bad_arguments_raise(tmp_path):
         worst_group.parse_args(["--train-agreement", "2", "--plugins"])
     with pytest.raises(ModuleNotFoundError):
         robustness.parse_args(["--plugins", "benchmarks.no_such_plugin"])
+    with pytest.raises(ValueError, match=r"`--lofo-methods` must name methods that train on the bank .*\['erm'\]"):
+        robustness.parse_args(["--lofo-methods", "augmix", "erm", "--plugins"])
 
 
 class _FakeBank:
