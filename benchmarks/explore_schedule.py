@@ -6,6 +6,10 @@ every other corruption, -0.5 clean). These variants pin ``synthetic_weight`` thr
 the final epoch, so the last epoch is real data with the mixing-chain consistency (as AugMix) after the
 synthetic epochs. ``ls_weight_040`` and ``ls_weight_020`` start the synthetic weight at 0.4 and 0.2 instead
 of 0.75 (it then follows the weighting's feedback as usual).
+
+Session 13: at six epochs AugMix led the defaults on the validation corruptions (three seeds), so
+``ls_real_second_half`` pins the weight to 0 from the middle epoch on: the synthetic epochs first, then real
+data with the mixing-chain consistency only, as AugMix trains throughout.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from benchmarks.methods import lightning_synth_method
 
 
 class LastEpochWeight(Callback):
-    """Queue ``synthetic_weight=weight`` at the end of the second-to-last epoch (applied at the next sync)."""
+    """Queue ``synthetic_weight=weight`` at the end of epoch ``from_epoch - 1`` (applied at the next sync);
+    ``from_epoch=None``: the last epoch."""
 
-    def __init__(self, datamodule: Any, epochs: int, weight: float, info: dict[str, Any]) -> None:
+    def __init__(self, datamodule: Any, epochs: int, weight: float, info: dict[str, Any],
+                 from_epoch: int | None = None) -> None:
         self.datamodule, self.epochs, self.weight, self.info = datamodule, epochs, weight, info
+        self.from_epoch = epochs - 1 if from_epoch is None else from_epoch
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -34,22 +41,25 @@ class LastEpochWeight(Callback):
             self.info.setdefault("synthetic_mass_by_epoch", []).append(round(float(share), 4))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epochs - 2:
+        if trainer.current_epoch == self.from_epoch - 1:
             self.datamodule.controller.update(synthetic_weight=self.weight, source="exploration")
 
 
-def variant(name: str, weight: float) -> Method:
-    base = lightning_synth_method(name, gan=False, consistency=True, description=f"{name}: last epoch weight {weight}")
+def variant(name: str, weight: float, second_half: bool = False) -> Method:
+    when = "second half" if second_half else "last epoch"
+    base = lightning_synth_method(name, gan=False, consistency=True, description=f"{name}: {when} weight {weight}")
     make = base.make_callbacks
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
-        return [*make(ctx, datamodule), LastEpochWeight(datamodule, ctx.epochs, weight, ctx.info)]
+        start = ctx.epochs // 2 if second_half else None
+        return [*make(ctx, datamodule), LastEpochWeight(datamodule, ctx.epochs, weight, ctx.info, start)]
 
     return dataclasses.replace(base, make_callbacks=callbacks)
 
 
 register_method(variant("ls_real_last", 0.0), overwrite=True)
 register_method(variant("ls_half_last", 0.375), overwrite=True)
+register_method(variant("ls_real_second_half", 0.0, second_half=True), overwrite=True)
 register_method(lightning_synth_method("ls_weight_040", gan=False, consistency=True, weight=0.4,
                                       description="ls_weight_040: initial synthetic weight 0.4"), overwrite=True)
 register_method(lightning_synth_method("ls_weight_020", gan=False, consistency=True, weight=0.2,

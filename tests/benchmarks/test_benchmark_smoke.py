@@ -312,13 +312,15 @@ def test_robustness_main_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_exploration_plugins_do_what_they_say(tmp_path):
-    """ls_real_last draws no synthetic sample in its last epoch; ls_real_views sees real and synthetic rows."""
+    """ls_real_last (and, over two epochs, ls_real_second_half) draws no synthetic sample in its last epoch;
+    ls_real_views sees real and synthetic rows."""
     payload = robustness.main([*TINY, "--epochs", "2", "--test-size", "100", "--splits", "val", "--plugins",
                                "benchmarks.methods", "benchmarks.explore_schedule", "benchmarks.explore_views",
-                               "--methods", "ls_real_last", "ls_real_views", "ls_synth_views",
+                               "--methods", "ls_real_last", "ls_real_second_half", "ls_real_views", "ls_synth_views",
                                "--results-dir", str(tmp_path)])
-    masses = payload["runs"]["ls_real_last"][0]["info"]["synthetic_mass_by_epoch"]
-    assert len(masses) == 2 and masses[0] > 0 and masses[1] == 0
+    for name in ("ls_real_last", "ls_real_second_half"):
+        masses = payload["runs"][name][0]["info"]["synthetic_mass_by_epoch"]
+        assert len(masses) == 2 and masses[0] > 0 and masses[1] == 0
     assert 0 < payload["runs"]["ls_real_views"][0]["info"]["real_share"] < 1
     assert payload["runs"]["ls_synth_views"][0]["info"]["real_share"] < 1  # synthetic rows to make views of
 
