@@ -22,16 +22,16 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import Method, MethodContext, register_method
 from benchmarks.methods import lightning_synth_method
+from lightning_synth._validation import check_int
 
 
-class LastEpochWeight(Callback):
-    """Queue ``synthetic_weight=weight`` at the end of epoch ``from_epoch - 1`` (applied at the next sync);
-    ``from_epoch=None``: the last epoch."""
+class WeightFromEpoch(Callback):
+    """Queue ``synthetic_weight=weight`` at the end of epoch ``from_epoch - 1`` (applied at the next sync, so
+    epochs ``from_epoch`` on train with it); records each epoch's synthetic sampler mass in ``info``."""
 
-    def __init__(self, datamodule: Any, epochs: int, weight: float, info: dict[str, Any],
-                 from_epoch: int | None = None) -> None:
-        self.datamodule, self.epochs, self.weight, self.info = datamodule, epochs, weight, info
-        self.from_epoch = epochs - 1 if from_epoch is None else from_epoch
+    def __init__(self, datamodule: Any, from_epoch: int, weight: float, info: dict[str, Any]) -> None:
+        check_int("from_epoch", from_epoch, 1)  # epoch 0 starts before any end of epoch could queue it
+        self.datamodule, self.from_epoch, self.weight, self.info = datamodule, from_epoch, weight, info
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -51,8 +51,8 @@ def variant(name: str, weight: float, second_half: bool = False) -> Method:
     make = base.make_callbacks
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
-        start = ctx.epochs // 2 if second_half else None
-        return [*make(ctx, datamodule), LastEpochWeight(datamodule, ctx.epochs, weight, ctx.info, start)]
+        start = ctx.epochs // 2 if second_half else ctx.epochs - 1
+        return [*make(ctx, datamodule), WeightFromEpoch(datamodule, start, weight, ctx.info)]
 
     return dataclasses.replace(base, make_callbacks=callbacks)
 

@@ -321,6 +321,10 @@ def test_exploration_plugins_do_what_they_say(tmp_path):
     for name in ("ls_real_last", "ls_real_second_half"):
         masses = payload["runs"][name][0]["info"]["synthetic_mass_by_epoch"]
         assert len(masses) == 2 and masses[0] > 0 and masses[1] == 0
+    from benchmarks.explore_schedule import WeightFromEpoch
+
+    with pytest.raises(ValueError, match=r"`from_epoch` must be >= 1, got 0"):
+        WeightFromEpoch(None, 0, 0.0, {})  # e.g. ls_real_second_half with --epochs 1: it would never pin
     assert 0 < payload["runs"]["ls_real_views"][0]["info"]["real_share"] < 1
     assert payload["runs"]["ls_synth_views"][0]["info"]["real_share"] < 1  # synthetic rows to make views of
 
