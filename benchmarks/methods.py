@@ -141,17 +141,26 @@ def lightning_synth_method(
         generators = _generators(ctx, gan, scenarios, targeted, class_bias, uniform_floor)
         return SyntheticDataModule(datamodule, generators=generators, seed=ctx.seed, **kwargs)
 
-    analyzers: dict[int, FailureModeCallback] = {}
-    chains: dict[int, MixingChains] = {}
+    # What make_module and make_callbacks of one run share (the analyzer, the chains): one run is one
+    # MethodContext, so a new context starts afresh. Keyed by seed, a leave-one-family-out run reused the main
+    # run's analyzer, probing the family it leaves out, with the state of the runs before it.
+    run: dict[str, Any] = {}
+
+    def run_state(ctx: MethodContext) -> dict[str, Any]:
+        if run.get("ctx") is not ctx:
+            run.clear()
+            run["ctx"] = ctx
+        return run
 
     def analyzer(ctx: MethodContext) -> FailureModeCallback:
-        if ctx.seed not in analyzers:
+        state = run_state(ctx)
+        if "analyzer" not in state:
             groups = int(ctx.extras.get("num_groups", 64))  # the worst-group task has 100 (class, colour) groups
-            analyzers[ctx.seed] = FailureModeCallback(bank_names(ctx), max_samples=256, seed=ctx.seed,
-                                                      max_groups=groups,
-                                                      ladder_search=bool(ctx.extras.get("ladder_search", True)))
-            analyzers[ctx.seed].prober.guided_search = bool(ctx.extras.get("guided_search", True))
-        return analyzers[ctx.seed]
+            state["analyzer"] = FailureModeCallback(bank_names(ctx), max_samples=256, seed=ctx.seed,
+                                                    max_groups=groups,
+                                                    ladder_search=bool(ctx.extras.get("ladder_search", True)))
+            state["analyzer"].prober.guided_search = bool(ctx.extras.get("guided_search", True))
+        return state["analyzer"]
 
     def make_module(ctx: MethodContext) -> Classifier:
         if not consistency:
@@ -162,15 +171,15 @@ def lightning_synth_method(
             options["floor"] = floor
         if source:  # one chain view of each source joins the source and the sample: 3 passes, as the chains alone
             options["num_views"] = 1
-        chains[ctx.seed] = chains_class(bank_names(ctx), **options)
-        return ctx.classifier(consistency=chains[ctx.seed], source_consistency=source)
+        run_state(ctx)["chains"] = chains_class(bank_names(ctx), **options)
+        return ctx.classifier(consistency=run_state(ctx)["chains"], source_consistency=source)
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
         out: list[Callback] = [analyzer(ctx)] if targeted else []
         irreducible = IrreducibleLoss(perturbations=bank_names(ctx), seed=ctx.seed) if reducible else None
         out.append(AdaptiveSampling(seed=ctx.seed, irreducible=irreducible))
         if consistency and targeted:
-            out.append(chains[ctx.seed])
+            out.append(run_state(ctx)["chains"])
         return out
 
     return Method(name, make_module=make_module, make_callbacks=callbacks, wrap_datamodule=wrap,

@@ -10,6 +10,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 from benchmarks import methods as methods_module
 from benchmarks.common import MethodContext, budget, build_method, export_torchscript, run_method
 from benchmarks.robustness import family_score, paired, per_seed_metrics
+from lightning_synth.callbacks import FailureModeCallback
 from lightning_synth.consistency import MixingChains, jsd_consistency
 from lightning_synth.data import SyntheticDataModule
 from lightning_synth.datasets import DigitsDataModule
@@ -64,6 +65,21 @@ def test_lightning_synth_row_is_the_library_defaults(tmp_path):
     focused = build_method("uniform_share_sampler", "robustness").wrap_datamodule(DigitsDataModule(), ctx)
     assert focused.engine.controller.settings.sampler_uniform_mix == default_mix  # only the profile left out
     assert method.make_module(ctx).consistency.floor == MixingChains().floor
+
+
+def test_each_run_builds_its_own_analyzer_and_chains(tmp_path):
+    """A leave-one-family-out run of a seed gets an analyzer of its own bank, not the main run's (which probes
+    the family left out and carries the main run's state); within a run, the chains follow the callback's."""
+    method = build_method("lightning_synth", "robustness")
+    runs = {}
+    for name, ctx in (("main", _ctx(tmp_path)), ("lofo", _ctx(tmp_path, exclude=("gaussian_blur", "motion_blur")))):
+        dm = method.wrap_datamodule(DigitsDataModule(batch_size=128), ctx)
+        chains = method.make_module(ctx).consistency
+        (analyzer,) = [c for c in method.make_callbacks(ctx, dm) if isinstance(c, FailureModeCallback)]
+        assert chains.analyzer is analyzer
+        runs[name] = analyzer
+    assert runs["lofo"] is not runs["main"]
+    assert "gaussian_blur" in runs["main"].bank.names and "gaussian_blur" not in runs["lofo"].bank.names
 
 
 def test_source_variants_pair_samples_with_their_sources(tmp_path):
