@@ -10,6 +10,11 @@ of 0.75 (it then follows the weighting's feedback as usual).
 Session 13: at six epochs AugMix led the defaults on the validation corruptions (three seeds), so
 ``ls_real_second_half`` pins the weight to 0 from the middle epoch on: the synthetic epochs first, then real
 data with the mixing-chain consistency only, as AugMix trains throughout.
+
+Session 14: that did not close the gap, and neither did the untargeted loops, so ``uss_real_only`` pins the
+weight to 0 before the first epoch in ``uniform_share_sampler``: AugMix's chains and consistency on real data
+with the loss-focused sampler and nothing synthetic. Beside AugMix it separates the sampler from the synthetic
+share as the cause.
 """
 
 from __future__ import annotations
@@ -26,12 +31,17 @@ from lightning_synth._validation import check_int
 
 
 class WeightFromEpoch(Callback):
-    """Queue ``synthetic_weight=weight`` at the end of epoch ``from_epoch - 1`` (applied at the next sync, so
-    epochs ``from_epoch`` on train with it); records each epoch's synthetic sampler mass in ``info``."""
+    """Queue ``synthetic_weight=weight`` at the end of epoch ``from_epoch - 1`` (at the start of training for
+    ``from_epoch=0``; applied at the next sync, so epochs ``from_epoch`` on train with it); records each epoch's
+    synthetic sampler mass in ``info``."""
 
     def __init__(self, datamodule: Any, from_epoch: int, weight: float, info: dict[str, Any]) -> None:
-        check_int("from_epoch", from_epoch, 1)  # epoch 0 starts before any end of epoch could queue it
+        check_int("from_epoch", from_epoch, 0)
         self.datamodule, self.from_epoch, self.weight, self.info = datamodule, from_epoch, weight, info
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.from_epoch == 0:  # before the first epoch's refresh, whose sync applies it
+            self.datamodule.controller.update(synthetic_weight=self.weight, source="exploration")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -45,21 +55,25 @@ class WeightFromEpoch(Callback):
             self.datamodule.controller.update(synthetic_weight=self.weight, source="exploration")
 
 
-def variant(name: str, weight: float, second_half: bool = False) -> Method:
-    when = "second half" if second_half else "last epoch"
-    base = lightning_synth_method(name, gan=False, consistency=True, description=f"{name}: {when} weight {weight}")
+def variant(name: str, weight: float, when: str = "last epoch", **options: Any) -> Method:
+    """``lightning_synth_method(name, **options)`` with the synthetic weight pinned to ``weight`` from the
+    ``when`` (``"last epoch"``, ``"second half"`` or ``"start"``) on."""
+    base = lightning_synth_method(name, **{"gan": False, "consistency": True, **options},
+                                  description=f"{name}: {when} weight {weight}")
     make = base.make_callbacks
+    starts = {"last epoch": lambda epochs: epochs - 1, "second half": lambda epochs: epochs // 2,
+              "start": lambda epochs: 0}
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
-        start = ctx.epochs // 2 if second_half else ctx.epochs - 1
-        return [*make(ctx, datamodule), WeightFromEpoch(datamodule, start, weight, ctx.info)]
+        return [*make(ctx, datamodule), WeightFromEpoch(datamodule, starts[when](ctx.epochs), weight, ctx.info)]
 
     return dataclasses.replace(base, make_callbacks=callbacks)
 
 
 register_method(variant("ls_real_last", 0.0), overwrite=True)
 register_method(variant("ls_half_last", 0.375), overwrite=True)
-register_method(variant("ls_real_second_half", 0.0, second_half=True), overwrite=True)
+register_method(variant("ls_real_second_half", 0.0, when="second half"), overwrite=True)
+register_method(variant("uss_real_only", 0.0, when="start", targeted=False, untargeted_sampler=True), overwrite=True)
 register_method(lightning_synth_method("ls_weight_040", gan=False, consistency=True, weight=0.4,
                                       description="ls_weight_040: initial synthetic weight 0.4"), overwrite=True)
 register_method(lightning_synth_method("ls_weight_020", gan=False, consistency=True, weight=0.2,
