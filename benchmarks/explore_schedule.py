@@ -14,7 +14,8 @@ data with the mixing-chain consistency only, as AugMix trains throughout.
 Session 14: that did not close the gap, and neither did the untargeted loops, so ``uss_real_only`` pins the
 weight to 0 before the first epoch in ``uniform_share_sampler``: AugMix's chains and consistency on real data
 with the loss-focused sampler and nothing synthetic. Beside AugMix it separates the sampler from the synthetic
-share as the cause.
+share as the cause; ``us_real_only``, the same with uniform draws (``uniform_share`` pinned to 0), is AugMix
+fed through ``SyntheticDataModule``: the control for that comparison.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ register_method(variant("ls_real_last", 0.0), overwrite=True)
 register_method(variant("ls_half_last", 0.375), overwrite=True)
 register_method(variant("ls_real_second_half", 0.0, when="second half"), overwrite=True)
 register_method(variant("uss_real_only", 0.0, when="start", targeted=False, untargeted_sampler=True), overwrite=True)
+register_method(variant("us_real_only", 0.0, when="start", targeted=False), overwrite=True)
 register_method(lightning_synth_method("ls_weight_040", gan=False, consistency=True, weight=0.4,
                                       description="ls_weight_040: initial synthetic weight 0.4"), overwrite=True)
 register_method(lightning_synth_method("ls_weight_020", gan=False, consistency=True, weight=0.2,

@@ -313,16 +313,17 @@ def test_robustness_main_smoke(tmp_path):
 @pytest.mark.slow
 def test_exploration_plugins_do_what_they_say(tmp_path):
     """ls_real_last (and, over two epochs, ls_real_second_half) draws no synthetic sample in its last epoch,
-    uss_real_only in none; ls_real_views sees real and synthetic rows."""
+    uss_real_only and us_real_only in none; ls_real_views sees real and synthetic rows."""
     payload = robustness.main([*TINY, "--epochs", "2", "--test-size", "100", "--splits", "val", "--plugins",
                                "benchmarks.methods", "benchmarks.explore_schedule", "benchmarks.explore_views",
-                               "--methods", "ls_real_last", "ls_real_second_half", "uss_real_only", "ls_real_views",
-                               "ls_synth_views",
+                               "--methods", "ls_real_last", "ls_real_second_half", "uss_real_only", "us_real_only",
+                               "ls_real_views", "ls_synth_views",
                                "--results-dir", str(tmp_path)])
     for name in ("ls_real_last", "ls_real_second_half"):
         masses = payload["runs"][name][0]["info"]["synthetic_mass_by_epoch"]
         assert len(masses) == 2 and masses[0] > 0 and masses[1] == 0
-    assert payload["runs"]["uss_real_only"][0]["info"]["synthetic_mass_by_epoch"] == [0, 0]
+    for name in ("uss_real_only", "us_real_only"):
+        assert payload["runs"][name][0]["info"]["synthetic_mass_by_epoch"] == [0, 0]
     from benchmarks.explore_schedule import WeightFromEpoch
 
     with pytest.raises(ValueError, match=r"`from_epoch` must be >= 0, got -1"):
