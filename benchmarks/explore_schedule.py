@@ -76,6 +76,8 @@ register_method(variant("ls_half_last", 0.375), overwrite=True)
 register_method(variant("ls_real_second_half", 0.0, when="second half"), overwrite=True)
 register_method(variant("uss_real_only", 0.0, when="start", targeted=False, untargeted_sampler=True), overwrite=True)
 register_method(variant("us_real_only", 0.0, when="start", targeted=False), overwrite=True)
+register_method(lightning_synth_method("ls_uniform_draws", gan=False, consistency=True, adaptive=False,
+                                      description="ls_uniform_draws: the defaults with uniform draws"), overwrite=True)
 register_method(lightning_synth_method("ls_weight_040", gan=False, consistency=True, weight=0.4,
                                       description="ls_weight_040: initial synthetic weight 0.4"), overwrite=True)
 register_method(lightning_synth_method("ls_weight_020", gan=False, consistency=True, weight=0.2,
