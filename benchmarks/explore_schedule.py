@@ -59,11 +59,13 @@ class WeightFromEpoch(Callback):
 def variant(name: str, weight: float, when: str = "last epoch", **options: Any) -> Method:
     """``lightning_synth_method(name, **options)`` with the synthetic weight pinned to ``weight`` from the
     ``when`` (``"last epoch"``, ``"second half"`` or ``"start"``) on."""
+    starts = {"last epoch": lambda epochs: epochs - 1, "second half": lambda epochs: epochs // 2,
+              "start": lambda epochs: 0}
+    if when not in starts:
+        raise ValueError(f"`when` must be one of {sorted(starts)}, got {when!r}")
     base = lightning_synth_method(name, **{"gan": False, "consistency": True, **options},
                                   description=f"{name}: {when} weight {weight}")
     make = base.make_callbacks
-    starts = {"last epoch": lambda epochs: epochs - 1, "second half": lambda epochs: epochs // 2,
-              "start": lambda epochs: 0}
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
         return [*make(ctx, datamodule), WeightFromEpoch(datamodule, starts[when](ctx.epochs), weight, ctx.info)]

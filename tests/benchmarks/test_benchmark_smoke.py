@@ -324,7 +324,10 @@ def test_exploration_plugins_do_what_they_say(tmp_path):
         assert len(masses) == 2 and masses[0] > 0 and masses[1] == 0
     for name in ("uss_real_only", "us_real_only"):
         assert payload["runs"][name][0]["info"]["synthetic_mass_by_epoch"] == [0, 0]
-    from benchmarks.explore_schedule import WeightFromEpoch
+    from benchmarks.explore_schedule import WeightFromEpoch, variant
+
+    with pytest.raises(ValueError, match=r"`when` must be one of .*, got 'middle'"):
+        variant("bad", 0.0, when="middle")
 
     with pytest.raises(ValueError, match=r"`from_epoch` must be >= 0, got -1"):
         WeightFromEpoch(None, -1, 0.0, {})
