@@ -40,9 +40,12 @@ class WeightFromEpoch(Callback):
         check_int("from_epoch", from_epoch, 0)
         self.datamodule, self.from_epoch, self.weight, self.info = datamodule, from_epoch, weight, info
 
+    def _pin(self) -> None:
+        self.datamodule.controller.update(synthetic_weight=self.weight, source="exploration")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.from_epoch == 0:  # before the first epoch's refresh, whose sync applies it
-            self.datamodule.controller.update(synthetic_weight=self.weight, source="exploration")
+            self._pin()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -53,7 +56,7 @@ class WeightFromEpoch(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.from_epoch - 1:
-            self.datamodule.controller.update(synthetic_weight=self.weight, source="exploration")
+            self._pin()
 
 
 def variant(name: str, weight: float, when: str = "last epoch", **options: Any) -> Method:

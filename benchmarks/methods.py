@@ -171,8 +171,8 @@ def lightning_synth_method(
             options["floor"] = floor
         if source:  # one chain view of each source joins the source and the sample: 3 passes, as the chains alone
             options["num_views"] = 1
-        run_state(ctx)["chains"] = chains_class(bank_names(ctx), **options)
-        return ctx.classifier(consistency=run_state(ctx)["chains"], source_consistency=source)
+        chains = run_state(ctx)["chains"] = chains_class(bank_names(ctx), **options)
+        return ctx.classifier(consistency=chains, source_consistency=source)
 
     def callbacks(ctx: MethodContext, datamodule: L.LightningDataModule) -> list[Callback]:
         out: list[Callback] = [analyzer(ctx)] if targeted else []
