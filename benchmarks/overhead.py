@@ -39,7 +39,10 @@ others): **train batches** (from the first ``on_train_batch_start`` to the last 
 training step and every callback's batch hooks), **between batches** (data loading and Lightning's loop inside
 an epoch) and **validation** (the analyzer included); the rest is epoch boundaries (where the system
 generates) and setup. A difference in *train batches* between configurations is training work or noise, one
-in *between batches* is mostly the mixed dataset's items.
+in *between batches* is mostly the mixed dataset's items. The page faults inside the training batches are
+counted too (``train_batch_faults``): on glibc they follow malloc's dynamic mmap/trim thresholds, differ from
+run to run of the same configuration, and cost about a microsecond each; ``--malloc-mmap-threshold`` with
+``--malloc-trim-threshold`` (both large) fixes the allocator for a diagnostic run without them.
 
 Repeats are interleaved, alternating the order (ABBA...) so drift hits every configuration alike; reported:
 median wall / CPU seconds, ratio of medians to ``plain``, the per-repeat (paired) ratios with their median,
@@ -109,6 +112,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="diagnostic: run the workers with glibc's mmap threshold fixed at BYTES "
                              "(MALLOC_MMAP_THRESHOLD_), so freed large buffers go back to the OS at once and the peak "
                              "RSS follows live memory rather than the heap's retention (slows every fit)")
+    parser.add_argument("--malloc-trim-threshold", type=int, default=None, metavar="BYTES",
+                        help="diagnostic: run the workers with glibc's trim threshold fixed at BYTES "
+                             "(MALLOC_TRIM_THRESHOLD_); with a large mmap threshold too, freed buffers stay in the "
+                             "heap and the page faults of re-touching them (see `train_batch_faults`) are gone")
     parser.add_argument("--memory-trace", action="store_true",
                         help="diagnostic: read the RSS high-water mark at every phase boundary and report where "
                              "it grew (with glibc's heap then) under each run's `memory_trace`")
@@ -131,8 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--name` must be letters, digits, '_' or '-', got {args.name!r}")
     if args.threads < 0:
         raise ValueError(f"`--threads` must be >= 0, got {args.threads}")
-    if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 0:
-        raise ValueError(f"`--malloc-mmap-threshold` must be >= 0, got {args.malloc_mmap_threshold}")
+    for flag, value in (("--malloc-mmap-threshold", args.malloc_mmap_threshold),
+                        ("--malloc-trim-threshold", args.malloc_trim_threshold)):
+        if value is not None and value < 0:
+            raise ValueError(f"`{flag}` must be >= 0, got {value}")
     if (args.worker is None) != (args.worker_out is None):
         raise ValueError("`--worker` and `--worker-out` go together")
     args.configs = [BASELINE, *(c for c in args.configs if c != BASELINE)]
@@ -228,10 +237,16 @@ class LoopSplit:
 
     :meth:`callbacks` gives two callbacks to put first and last in the trainer's list, so that a training
     batch runs from the first callback's ``on_train_batch_start`` to the last one's ``on_train_batch_end``.
+    ``faults`` counts the process's page faults (minor and major) inside the training batches: on glibc, a
+    training step whose activations are served by fresh ``mmap`` pages (or by heap pages trimmed and touched
+    again) pays a fault per 4 KiB page, and how many it pays depends on malloc's dynamic thresholds, which
+    differ from run to run: the main source of the train batches' run-to-run spread on this benchmark's CPU.
     """
 
     def __init__(self) -> None:
         self.seconds = {"train_batches": 0.0, "between_batches": 0.0, "validation": 0.0}
+        self.faults = 0
+        self._faults_start = 0
         self._batch_start: float | None = None
         self._batch_end: float | None = None  # None at an epoch's start and after validation
         self._validation_start = 0.0
@@ -245,6 +260,7 @@ class LoopSplit:
 
             def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                      batch_idx: int) -> None:
+                split._faults_start = _page_faults()
                 split._batch_start = time.perf_counter()
                 if split._batch_end is not None:
                     split.seconds["between_batches"] += split._batch_start - split._batch_end
@@ -258,6 +274,7 @@ class LoopSplit:
                 split._batch_end = time.perf_counter()
                 if split._batch_start is not None:
                     split.seconds["train_batches"] += split._batch_end - split._batch_start
+                    split.faults += _page_faults() - split._faults_start
 
             def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
                 split.seconds["validation"] += time.perf_counter() - split._validation_start
@@ -267,6 +284,11 @@ class LoopSplit:
 
 
 # ------------------------------------------------------------------------------------------------ memory
+def _page_faults() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 def _status_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -431,6 +453,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "phases_s": dict(sorted(clock.seconds.items())),
         "phase_calls": dict(sorted(clock.calls.items())),
         "loop_s": dict(split.seconds),
+        "train_batch_faults": split.faults,
         "instrumented": instrumented,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "rss_before_fit_mib": _mib(rss_before),
@@ -494,8 +517,10 @@ def run_worker(config: str, args: argparse.Namespace, folder: Path, repeat: int)
     command = [sys.executable, "-m", "benchmarks.overhead", "--worker", config, "--worker-out", str(out),
                *worker_argv(args)]
     env = dict(os.environ)
-    if args.malloc_mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    for name, value in (("MALLOC_MMAP_THRESHOLD_", args.malloc_mmap_threshold),
+                        ("MALLOC_TRIM_THRESHOLD_", args.malloc_trim_threshold)):
+        if value is not None:
+            env[name] = str(value)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -513,7 +538,8 @@ def interleaved(configs: Sequence[str], repeats: int, run: Callable[[str, int], 
             result = run(config, r)
             runs[config].append(result)
             print(f"  repeat {r + 1}/{repeats} {config:<9} fit {result['fit_wall_s']:7.2f} s  "
-                  f"peak RSS {result['peak_rss_mib']:7.1f} MiB", flush=True)
+                  f"peak RSS {result['peak_rss_mib']:7.1f} MiB  "
+                  f"train-batch page faults {result.get('train_batch_faults', 0) / 1e6:.2f}M", flush=True)
     return runs
 
 
@@ -559,6 +585,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             entry["loop_s"] = {k: statistics.median(r["loop_s"][k] for r in results) for k in results[0]["loop_s"]}
             entry["loop_added_s"] = {k: v - statistics.median(r["loop_s"][k] for r in base)
                                      for k, v in entry["loop_s"].items()}
+        if all("train_batch_faults" in r for r in results):  # absent from results of older commits
+            entry["train_batch_faults"] = statistics.median(r["train_batch_faults"] for r in results)
         for key in ("analyses", "generated", "pool_size", "callbacks", "steps", "val_batches"):
             entry[key] = results[-1][key]
         for key in ("pool_mib", "real_cache_mib", "real_cache_dtype"):  # absent from results of older commits
@@ -591,11 +619,13 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def loop_table(results: dict[str, dict[str, Any]]) -> str:
     """The loop split's medians per configuration, with the difference to plain (empty without the split)."""
-    rows = [[config, *(f"{r['loop_s'][k]:.1f} ({r['loop_added_s'][k]:+.1f})" for k in r["loop_s"])]
+    rows = [[config, *(f"{r['loop_s'][k]:.1f} ({r['loop_added_s'][k]:+.1f})" for k in r["loop_s"]),
+             f"{r['train_batch_faults'] / 1e6:.2f}M" if "train_batch_faults" in r else "-"]
             for config, r in results.items() if "loop_s" in r]
     if not rows:
         return ""
-    return format_table(["config", "train batches s (vs plain)", "between batches s", "validation s"], rows)
+    return format_table(["config", "train batches s (vs plain)", "between batches s", "validation s",
+                         "page faults in train batches (median)"], rows)
 
 
 def _paired(stat: dict[str, Any]) -> str:
@@ -679,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "epochs": args.epochs, "max_steps": steps, "batch_size": args.batch_size,
                    "repeats": args.repeats, "seed": args.seed, "threads": args.threads or "torch default",
                    "malloc_mmap_threshold": args.malloc_mmap_threshold,
+                   "malloc_trim_threshold": args.malloc_trim_threshold,
                    "gan_steps": args.gan_steps if "full_gan" in args.configs else None,
                    "configs": {c: CONFIGS[c] for c in args.configs}, "phases": list(PHASES)},
         "results": results,

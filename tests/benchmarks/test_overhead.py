@@ -44,6 +44,9 @@ def test_names_and_repeats_are_checked():
     assert overhead.parse_args(["--malloc-mmap-threshold", "131072"]).malloc_mmap_threshold == 131072
     with pytest.raises(ValueError, match="`--malloc-mmap-threshold` must be >= 0"):
         overhead.parse_args(["--malloc-mmap-threshold", "-1"])
+    assert overhead.parse_args(["--malloc-trim-threshold", "1024"]).malloc_trim_threshold == 1024
+    with pytest.raises(ValueError, match="`--malloc-trim-threshold` must be >= 0"):
+        overhead.parse_args(["--malloc-trim-threshold", "-1"])
 
 
 def test_memory_trace_is_passed_to_workers_and_charges_growth_to_the_phase():
@@ -67,11 +70,13 @@ def test_the_loop_split_is_summarized_against_plain():
     def with_loop(run, batches, between, validation):
         return dict(run, loop_s={"train_batches": batches, "between_batches": between, "validation": validation})
 
-    runs = {"plain": [with_loop(_run("plain", 10.0, 100.0), 8.0, 0.5, 1.0)],
-            "full": [with_loop(_run("full", 12.0, 100.0), 8.2, 1.0, 2.5)]}
+    runs = {"plain": [dict(with_loop(_run("plain", 10.0, 100.0), 8.0, 0.5, 1.0), train_batch_faults=2_000_000)],
+            "full": [dict(with_loop(_run("full", 12.0, 100.0), 8.2, 1.0, 2.5), train_batch_faults=3_500_000)]}
     entry = overhead.summarize(runs)["full"]
     assert entry["loop_added_s"] == pytest.approx({"train_batches": 0.2, "between_batches": 0.5, "validation": 1.5})
+    assert entry["train_batch_faults"] == 3_500_000
     assert "8.2 (+0.2)" in overhead.loop_table(overhead.summarize(runs))
+    assert "3.50M" in overhead.loop_table(overhead.summarize(runs))
     assert overhead.loop_table(overhead.summarize({"plain": [_run("plain", 10.0, 100.0)]})) == ""
 
 
@@ -87,3 +92,4 @@ def test_the_loop_split_times_a_real_fit():
                         enable_checkpointing=False, num_sanity_val_steps=0, callbacks=list(split.callbacks()))
     trainer.fit(ImageClassifier(image_size=8), DataLoader(data, batch_size=8), DataLoader(data, batch_size=16))
     assert all(v > 0 for v in split.seconds.values()), split.seconds
+    assert split.faults >= 0  # counted inside the training batches (0 when no page was touched fresh)
