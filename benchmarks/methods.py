@@ -218,6 +218,10 @@ VARIANTS: list[tuple[str, Callable[[], Method]]] = [
     ("lightning_synth", lambda: lightning_synth_method(
         "lightning_synth", gan=False, consistency=True,
         description="defaults (targeted generator, 0.8 uniform floor) + targeted mixing-chain JSD consistency")),
+    ("ls_gan", lambda: lightning_synth_method(
+        "ls_gan", gan=True, consistency=True,
+        description="ablation: the defaults + ConditionalGANGenerator (trained in the loop, 100 steps per refresh; "
+                    "its samples join the pool beside the targeted generator's)")),
     ("ls_strong_targeting", lambda: lightning_synth_method(
         "ls_strong_targeting", gan=False, consistency=True, scenarios=True, adaptive=True, class_bias=0.5,
         uniform_floor=0.0, floor=0.5,
