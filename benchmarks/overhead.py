@@ -110,8 +110,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="diagnostic: run the workers with glibc's mmap threshold fixed at BYTES "
-                             "(MALLOC_MMAP_THRESHOLD_), so freed large buffers go back to the OS at once and the peak "
-                             "RSS follows live memory rather than the heap's retention (slows every fit)")
+                             "(MALLOC_MMAP_THRESHOLD_); a small one (131072) sends freed large buffers back to the "
+                             "OS at once, so the peak RSS follows live memory rather than the heap's retention (slows "
+                             "every fit); a large one with --malloc-trim-threshold keeps them (no page faults)")
     parser.add_argument("--malloc-trim-threshold", type=int, default=None, metavar="BYTES",
                         help="diagnostic: run the workers with glibc's trim threshold fixed at BYTES "
                              "(MALLOC_TRIM_THRESHOLD_); with a large mmap threshold too, freed buffers stay in the "
