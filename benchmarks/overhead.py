@@ -91,6 +91,8 @@ CONFIGS: dict[str, str] = {
                 "ConditionalGANGenerator(ConditionalGAN(), train_steps=--gan-steps)]",
 }
 PHASES = ("analyzer", "generation", "sampling")
+# Diagnostic allocator settings: the argument (``--malloc-mmap-threshold`` ...) and the glibc variable it sets
+MALLOC_ENV = (("malloc_mmap_threshold", "MALLOC_MMAP_THRESHOLD_"), ("malloc_trim_threshold", "MALLOC_TRIM_THRESHOLD_"))
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -139,10 +141,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--name` must be letters, digits, '_' or '-', got {args.name!r}")
     if args.threads < 0:
         raise ValueError(f"`--threads` must be >= 0, got {args.threads}")
-    for flag, value in (("--malloc-mmap-threshold", args.malloc_mmap_threshold),
-                        ("--malloc-trim-threshold", args.malloc_trim_threshold)):
+    for attr, _ in MALLOC_ENV:
+        value = getattr(args, attr)
         if value is not None and value < 0:
-            raise ValueError(f"`{flag}` must be >= 0, got {value}")
+            raise ValueError(f"`--{attr.replace('_', '-')}` must be >= 0, got {value}")
     if (args.worker is None) != (args.worker_out is None):
         raise ValueError("`--worker` and `--worker-out` go together")
     args.configs = [BASELINE, *(c for c in args.configs if c != BASELINE)]
@@ -518,10 +520,9 @@ def run_worker(config: str, args: argparse.Namespace, folder: Path, repeat: int)
     command = [sys.executable, "-m", "benchmarks.overhead", "--worker", config, "--worker-out", str(out),
                *worker_argv(args)]
     env = dict(os.environ)
-    for name, value in (("MALLOC_MMAP_THRESHOLD_", args.malloc_mmap_threshold),
-                        ("MALLOC_TRIM_THRESHOLD_", args.malloc_trim_threshold)):
-        if value is not None:
-            env[name] = str(value)
+    for attr, name in MALLOC_ENV:
+        if getattr(args, attr) is not None:
+            env[name] = str(getattr(args, attr))
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -540,7 +541,7 @@ def interleaved(configs: Sequence[str], repeats: int, run: Callable[[str, int], 
             runs[config].append(result)
             print(f"  repeat {r + 1}/{repeats} {config:<9} fit {result['fit_wall_s']:7.2f} s  "
                   f"peak RSS {result['peak_rss_mib']:7.1f} MiB  "
-                  f"train-batch page faults {result.get('train_batch_faults', 0) / 1e6:.2f}M", flush=True)
+                  f"train-batch page faults {result['train_batch_faults'] / 1e6:.2f}M", flush=True)
     return runs
 
 
@@ -709,8 +710,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "accelerator": "cpu", "train_size": args.train_size, "val_size": args.val_size,
                    "epochs": args.epochs, "max_steps": steps, "batch_size": args.batch_size,
                    "repeats": args.repeats, "seed": args.seed, "threads": args.threads or "torch default",
-                   "malloc_mmap_threshold": args.malloc_mmap_threshold,
-                   "malloc_trim_threshold": args.malloc_trim_threshold,
+                   **{attr: getattr(args, attr) for attr, _ in MALLOC_ENV},
                    "gan_steps": args.gan_steps if "full_gan" in args.configs else None,
                    "configs": {c: CONFIGS[c] for c in args.configs}, "phases": list(PHASES)},
         "results": results,
