@@ -23,6 +23,7 @@ from lightning_synth.callbacks._validation_hooks import (  # the underscored one
     LogitsFn,
     LogitsTap,
     PaddingFilter,
+    ProbeLayout,
     _default_logits,
     _first_val_loader,
     _has_val_loop,
@@ -103,6 +104,8 @@ class FailureModeCallback(Callback):
         quick_reads: on the first analysis and for moved frontiers, stop every settled cell at a quarter of
             the budget: cheaper, but a noisier ranking of weaknesses (``benchmarks/analyzer_replay.py``).
         ladder_search: search each ladder for the samples the model gets right (see above).
+        probe_layout: memory layout of the probe images: ``"auto"``: channels-last on the CPU (faster for conv
+            nets; falls back, warned once, if the forward fails), ``"channels_last"``, ``"preserve"``.
 
     Raises:
         ValueError: if a number is out of range, a severity is not in ``1..5``, a perturbation is unknown or
@@ -160,6 +163,7 @@ class FailureModeCallback(Callback):
         value_range: ValueRange | None = None,
         quick_reads: bool = False,
         ladder_search: bool = True,
+        probe_layout: ProbeLayout = "auto",
     ) -> None:
         super().__init__()
         self.bank = PerturbationBank(perturbations)
@@ -172,9 +176,8 @@ class FailureModeCallback(Callback):
         check_int("ignore_index", ignore_index, -(2**62))
         if probe_batch_size is not None:
             check_int("probe_batch_size", probe_batch_size, 1)
-        check_bool("sequential", sequential)
-        check_bool("quick_reads", quick_reads)
-        check_bool("ladder_search", ladder_search)
+        for flag, value in (("sequential", sequential), ("quick_reads", quick_reads), ("ladder_search", ladder_search)):
+            check_bool(flag, value)
         if value_range is not None and not isinstance(value_range, ValueRange):
             raise TypeError(f"`value_range` must be a ValueRange or None, got {type(value_range).__name__}")
         if class_names is not None and (
@@ -211,7 +214,7 @@ class FailureModeCallback(Callback):
             refresh_top=math.ceil(len(self.bank) * len(self.severities) * self.REFRESH_SHARE),
             quick_reads=quick_reads, ladder_search=ladder_search, exact_band=self.EXACT_BAND,
         )
-        self._tap = LogitsTap()
+        self._tap = LogitsTap(probe_layout)  # checks probe_layout
         self._warned_not_images, self._active = False, False
         self._metrics: dict[str, Any] = {}
         self._slice_metrics: dict[str, GroupAccuracy] = {}
@@ -268,12 +271,8 @@ class FailureModeCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "history": [p.to_json() for p in self.history],
-            "profile": self.profile and self.profile.to_json(),
-            **self.prober.state_dict(),
-            "probe_forwards": self.probe_forwards,
-        }
+        return {"history": [p.to_json() for p in self.history], "profile": self.profile and self.profile.to_json(),
+                **self.prober.state_dict(), "probe_forwards": self.probe_forwards}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -351,7 +350,7 @@ class FailureModeCallback(Callback):
             self._slice_metrics[key].update(groups[keep], hits[keep])
         if self.prober.wants(len(targets)) and self._images(view.inputs):
             self.probe_forwards += self.prober.probe(
-                view.inputs, targets, hits, keep, lambda x: self._tap.forward(pl_module, x, self.logits_fn),
+                view.inputs, targets, hits, keep, lambda x: self._tap.probe(pl_module, x, self.logits_fn),
                 lambda x: self._range(trainer, x), lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
 
     def _init_class_metrics(self, num_classes: int, device: torch.device) -> None:

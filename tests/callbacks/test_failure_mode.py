@@ -40,6 +40,8 @@ def test_bad_arguments_raise():
         FailureModeCallback(batch_adapter="x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`quick_reads` must be a bool, got str: 'yes'"):
         FailureModeCallback(quick_reads="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`probe_layout` must be one of .*got 'nhwc'"):
+        FailureModeCallback(probe_layout="nhwc")  # type: ignore[arg-type]
 
 
 def test_rotation_is_a_top_weakness_and_grows_with_severity(tkw):
@@ -182,3 +184,56 @@ def test_cheaper_probing_keeps_every_cell_and_resumes_its_decisions(tmp_path, tk
     restored = FailureModeCallback(**kwargs)
     restored.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][cheap.state_key])
     assert restored.state_dict() == state
+
+
+class _RGBProbeNet(L.LightningModule):
+    """A model of 3-channel 8x8 digits that counts the channels-last inputs it sees: a conv net, or with
+    ``view=True`` a linear model that flattens with ``view`` (which needs ``(B, C, H, W)``-contiguous memory)."""
+
+    def __init__(self, view: bool) -> None:
+        super().__init__()
+        self.view = view
+        self.conv, self.head = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 16, 10)
+        self.linear = torch.nn.Linear(3 * 64, 10)
+        self.channels_last_inputs = 0
+
+    def forward(self, x):
+        self.channels_last_inputs += int(not x.is_contiguous())
+        if self.view:
+            return self.linear(x.view(len(x), -1))
+        return self.head(torch.nn.functional.max_pool2d(self.conv(x).relu(), 2).flatten(1))
+
+    def validation_step(self, batch, batch_idx):
+        return {"logits": self(batch[0])}
+
+
+def _rgb_digits_loader():
+    images, labels = load_digits_tensors()
+    data = torch.utils.data.TensorDataset(images[:256].repeat(1, 3, 1, 1), labels[:256])
+    return torch.utils.data.DataLoader(data, batch_size=64)
+
+
+def _probe_gaps(model, layout, tkw):
+    cb = FailureModeCallback(max_samples=128, perturbations=["rotation", "contrast"], probe_layout=layout)
+    L.Trainer(callbacks=[cb], **tkw()).validate(model, _rgb_digits_loader(), verbose=False)
+    return [(w.name, w.severity, w.error_rate) for w in cb.profile.by_kind("perturbation")]
+
+
+def test_probe_layout_channels_last_on_cpu_gives_the_same_profile(tkw):
+    """"auto" scores the probe images channels-last on the CPU (faster for conv nets), with the same profile."""
+    torch.manual_seed(0)
+    model = _RGBProbeNet(view=False)
+    preserved = _probe_gaps(model, "preserve", tkw)
+    assert model.channels_last_inputs == 0
+    assert _probe_gaps(model, "auto", tkw) == preserved
+    assert model.channels_last_inputs > 0  # the probe forwards; the validation step's own inputs stay as they come
+
+
+def test_probe_layout_falls_back_when_the_forward_needs_contiguous_memory(tkw):
+    torch.manual_seed(0)
+    model = _RGBProbeNet(view=True)
+    preserved = _probe_gaps(model, "preserve", tkw)
+    with pytest.warns(UserWarning, match="failed on channels-last probe images"):
+        assert _probe_gaps(model, "auto", tkw) == preserved
+    with pytest.raises(RuntimeError, match="view"):
+        _probe_gaps(model, "channels_last", tkw)
