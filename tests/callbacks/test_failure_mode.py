@@ -40,7 +40,7 @@ def test_bad_arguments_raise():
         FailureModeCallback(batch_adapter="x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`quick_reads` must be a bool, got str: 'yes'"):
         FailureModeCallback(quick_reads="yes")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="`probe_layout` must be one of .*got 'nhwc'"):
+    with pytest.raises(ValueError, match=r"`probe_layout` must be one of .*got 'nhwc'"):
         FailureModeCallback(probe_layout="nhwc")  # type: ignore[arg-type]
 
 
