@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_bool", "check_int", "check_number"]
+__all__ = ["check_bool", "check_choice", "check_int", "check_number"]
 
 
 def check_bool(name: str, value: Any) -> None:
@@ -20,6 +21,21 @@ def check_bool(name: str, value: Any) -> None:
     """
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}: {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``.
+
+    Example:
+        >>> check_choice("eviction", "oldest", ("oldest", "random"))
+        >>> check_choice("eviction", "newest", ("oldest", "random"))
+        Traceback (most recent call last):
+        ...
+        ValueError: `eviction` must be one of ('oldest', 'random'), got 'newest'
+    """
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:

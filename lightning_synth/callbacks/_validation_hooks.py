@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler
 from torch.utils.hooks import RemovableHandle
 
+from lightning_synth._validation import check_choice
 from lightning_synth.batch import BatchView
 from lightning_synth.profile import WeaknessProfile
 from lightning_synth.value_range import ValueRange
@@ -134,8 +135,7 @@ class LogitsTap:
     of probe images, in the memory layout ``probe_layout`` asks for (see :meth:`probe`)."""
 
     def __init__(self, probe_layout: ProbeLayout = "auto") -> None:
-        if probe_layout not in get_args(ProbeLayout):
-            raise ValueError(f"`probe_layout` must be one of {get_args(ProbeLayout)}, got {probe_layout!r}")
+        check_choice("probe_layout", probe_layout, get_args(ProbeLayout))
         self.captured: Tensor | None = None
         self.probe_layout = probe_layout
         self._capturing = False

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_synth._validation import check_choice
 from lightning_synth.data.mapped import mapped_zeros
 from lightning_synth.data.pool_checkpoint import PoolCheckpoint
 from lightning_synth.data.pool_records import (
@@ -79,10 +80,8 @@ class SyntheticPool(PoolCheckpoint, Dataset[tuple[Tensor, Tensor]]):
             isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
         ):
             raise ValueError(f"`max_bytes` must be None or an int >= 1, got {max_bytes!r}")
-        if eviction not in get_args(EvictionPolicy):
-            raise ValueError(f"`eviction` must be one of {get_args(EvictionPolicy)}, got {eviction!r}")
-        if storage_dtype not in DTYPES:
-            raise ValueError(f"`storage_dtype` must be one of {tuple(DTYPES)}, got {storage_dtype!r}")
+        check_choice("eviction", eviction, get_args(EvictionPolicy))
+        check_choice("storage_dtype", storage_dtype, DTYPES)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int, got {seed!r}")
         self.max_samples = max_samples

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from lightning_synth._validation import check_int, check_number
+from lightning_synth._validation import check_choice, check_int, check_number
 from lightning_synth.control import SynthesisController, SynthesisSettings
 from lightning_synth.data.pool import StorageDtype, SyntheticPool
 from lightning_synth.data.sampler import AdaptiveSampler
@@ -156,9 +156,7 @@ class SynthesisEngine:
         check_int("real_cache_size", real_cache_size, 1)
         check_int("seed", seed, 0)
         check_int("chunk_size", chunk_size, 1)
-        if pool_storage_dtype not in get_args(StorageDtype):
-            raise ValueError(f"`pool_storage_dtype` must be one of {get_args(StorageDtype)}, "
-                             f"got {pool_storage_dtype!r}")
+        check_choice("pool_storage_dtype", pool_storage_dtype, get_args(StorageDtype))
         check_number("min_generator_share", min_generator_share, low=0.0, high=1.0 / max(len(names), 1))
         self.synthetic_budget = synthetic_budget
         self.max_pool_samples = max_pool_samples

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_synth._validation import check_choice
 from lightning_synth.generators.base import GenerationContext, SyntheticBatch, SyntheticGenerator
 from lightning_synth.generators.gan import ConditionalGAN
 from lightning_synth.profile import Weakness, WeaknessProfile
@@ -145,8 +146,7 @@ class ConditionalGANGenerator(SyntheticGenerator):
                 raise TypeError(f"`{name}` must be an int, got {type(value).__name__}: {value!r}")
             if value < low:
                 raise ValueError(f"`{name}` must be >= {low}, got {value}")
-        if class_check not in _CLASS_CHECKS:
-            raise ValueError(f"`class_check` must be one of {_CLASS_CHECKS}, got {class_check!r}")
+        check_choice("class_check", class_check, _CLASS_CHECKS)
         self.gan, self.class_check = gan, class_check
         self.slice_cells = {str(k): torch.as_tensor(v).long() for k, v in (slice_cells or {}).items()}
         for name, table in self.slice_cells.items():
