@@ -143,6 +143,13 @@ class LogitsTap:
         self._warned_extra_forward = False
         self._layout_failed = False  # "auto": the model's forward failed on channels-last images
 
+    def state_dict(self) -> dict[str, Any]:
+        """Whether the model's forward failed on channels-last probe images (a resumed run keeps the fallback)."""
+        return {"layout_failed": self._layout_failed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._layout_failed = bool(state_dict.get("layout_failed", False))
+
     def attach(self, pl_module: L.LightningModule) -> None:
         self.remove()
         self._hook = pl_module.register_forward_hook(self._capture)

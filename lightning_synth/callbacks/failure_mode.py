@@ -272,7 +272,7 @@ class FailureModeCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": [p.to_json() for p in self.history], "profile": self.profile and self.profile.to_json(),
-                **self.prober.state_dict(), "probe_forwards": self.probe_forwards}
+                **self.prober.state_dict(), "probe_forwards": self.probe_forwards, "tap": self._tap.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -281,6 +281,7 @@ class FailureModeCallback(Callback):
         self.profile = WeaknessProfile.from_json(latest) if latest else None
         self.prober.load_state_dict(state_dict, analyses=len(self.history))
         self.probe_forwards = int(state_dict.get("probe_forwards", 0))
+        self._tap.load_state_dict(state_dict.get("tap", {}))  # absent from older checkpoints
 
     # ------------------------------------------------------------------------------------ on demand
     @torch.inference_mode()

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -237,3 +238,22 @@ def test_probe_layout_falls_back_when_the_forward_needs_contiguous_memory(tkw):
         assert _probe_gaps(model, "auto", tkw) == preserved
     with pytest.raises(RuntimeError, match="view"):
         _probe_gaps(model, "channels_last", tkw)
+
+
+def test_probe_layout_fallback_survives_a_resume(tkw):
+    """A resumed run keeps the fallback: no second failed forward, no second warning."""
+    torch.manual_seed(0)
+    model = _RGBProbeNet(view=True)
+    first = FailureModeCallback(max_samples=64, perturbations=["contrast"])
+    with pytest.warns(UserWarning, match="failed on channels-last probe images"):
+        L.Trainer(callbacks=[first], **tkw()).validate(model, _rgb_digits_loader(), verbose=False)
+    assert first.state_dict()["tap"] == {"layout_failed": True}
+    resumed = FailureModeCallback(max_samples=64, perturbations=["contrast"])
+    resumed.load_state_dict(first.state_dict())
+    attempts = model.channels_last_inputs
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*channels-last probe images")
+        L.Trainer(callbacks=[resumed], **tkw()).validate(model, _rgb_digits_loader(), verbose=False)
+    assert model.channels_last_inputs == attempts  # every probe forward took the batch's own layout
+    assert resumed.state_dict()["tap"] == {"layout_failed": True}
+    assert FailureModeCallback().state_dict()["tap"] == {"layout_failed": False}
