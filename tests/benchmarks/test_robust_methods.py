@@ -67,6 +67,23 @@ def test_lightning_synth_row_is_the_library_defaults(tmp_path):
     assert method.make_module(ctx).consistency.floor == MixingChains().floor
 
 
+def test_budget_exploration_pairs_differ_only_in_targeting(tmp_path):
+    import benchmarks.explore_budget  # noqa: F401  (registers the rows)
+
+    ctx = _ctx(tmp_path)
+    for prefix, fraction, weight in (("pool_small", 0.05, 0.1), ("pool_third", 1 / 3, 0.75)):
+        made = {}
+        for kind in ("targeted", "uniform"):
+            method = build_method(f"{prefix}_{kind}", "robustness")
+            dm = method.wrap_datamodule(DigitsDataModule(batch_size=128), ctx)
+            assert (dm.engine.synthetic_budget, dm.engine.weighting.base_weight) == (fraction, weight)
+            assert dm.engine.controller.settings.sampler_uniform_mix == 1.0  # uniform draws in both
+            assert method.make_module(ctx).consistency is None
+            (made[kind],) = dm.generators
+        assert isinstance(made["targeted"], TargetedAugmentation) and made["targeted"].uniform_floor == 0.0
+        assert not isinstance(made["uniform"], TargetedAugmentation)
+
+
 def test_each_run_builds_its_own_analyzer_and_chains(tmp_path):
     """A leave-one-family-out run of a seed gets an analyzer of its own bank, not the main run's (which probes
     the family left out and carries the main run's state); within a run, the chains follow the callback's."""
