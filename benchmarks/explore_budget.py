@@ -1,7 +1,8 @@
 """Exploration plugin (issue 10, session 17): does targeting pay when the synthetic budget covers the bank thinly?
 
-At the defaults' budget (a third of the training set, pool twice that) the bank at random gives every
-(perturbation, severity) cell about 150 samples per refresh, and targeting is level with it (36 seeds); pure
+At the defaults' budget (a third of the training set, pool twice that) the bank at random gives each of its 45
+(perturbation, severity) cells about 74 samples per refresh of 10k images, and targeting is level with it (36 seeds
+on the test corruptions); pure
 targeting lost 3-4 points to it on the validation corruptions. With a small budget uniform draws cover each cell
 with a handful of samples, so concentrating them where the profile shows the model failing might pay. These rows
 isolate the pool's targeting: no consistency objective, uniform draws from the sampler (so the only difference
